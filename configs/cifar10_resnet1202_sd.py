@@ -1,0 +1,34 @@
+"""CIFAR-10, 1202-layer ResNet with stochastic depth (the paper: 4.91% test error vs 7.93%).
+
+Blocks are scanned (``scan_blocks``) and rematerialised to keep compile time and memory low. As
+in He et al., the learning rate is 0.01 for the first 400 steps, then 0.1 (step decay at 50% and
+75% of 500 epochs).
+
+    python -m sdjax.main --config=configs/cifar10_resnet1202_sd.py --workdir=/tmp/c10_1202
+"""
+
+from sdjax.config_utils import apply_arg, default_config
+
+
+def get_config(arg=None):
+    config = default_config()
+    config.model.name = "cifar_resnet1202"
+    config.model.num_classes = 10
+    config.model.final_drop_rate = 0.5
+    config.model.drop_schedule = "linear"
+    config.model.drop_mode = "batch"
+    config.model.scan_blocks = True
+    config.model.remat = True
+    config.input.dataset = "cifar10"
+    config.input.augment.crop_padding = 4
+    config.input.augment.flip = True
+    config.optim.learning_rate = 0.1
+    config.optim.weight_decay = 1e-4
+    config.optim.lr_schedule = "step"
+    config.optim.boundaries = (0.5, 0.75)
+    config.optim.warmup_steps = 400
+    config.optim.warmup_type = "constant"
+    config.optim.warmup_factor = 0.1
+    config.train.batch_size = 128
+    config.train.num_epochs = 500
+    return apply_arg(config, arg)

@@ -1,0 +1,75 @@
+"""Every config in configs/ loads, takes its argument strings, and validates (no training)."""
+
+import functools
+import glob
+import importlib.util
+import os
+
+import jax
+import pytest
+
+from sdjax import config_utils, optim, train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_TFDS = os.path.join(REPO, "..", "shared", "data", "tfds")
+CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+EXPECTED = {
+    "cifar10_sd",
+    "cifar10_constant",
+    "cifar100_sd",
+    "svhn_sd",
+    "cifar10_resnet1202_sd",
+    "imagenet_resnet152_sd",
+    "imagenet_efficientnet",
+    "digits_sd",
+}
+
+
+def load(name, arg=None):
+    path = os.path.join(REPO, "configs", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+def test_all_configs_are_present():
+    assert {os.path.basename(p)[:-3] for p in CONFIGS} >= EXPECTED
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_config_validates_without_data(name):
+    config = load(name)
+    assert load.__module__  # the docstring names the command
+    config_utils.validate(config, check_data=False, device_count=1)
+    assert set(config) == set(config_utils.default_config())
+
+
+@pytest.mark.parametrize("name", ["cifar10_sd", "cifar10_constant"])
+@pytest.mark.skipif(not os.path.isdir(SHARED_TFDS), reason="shared CIFAR-10 not present")
+def test_cifar10_configs_validate_against_real_data(name):
+    config = load(name, f"steps=10,data_dir={SHARED_TFDS}")
+    config_utils.validate(config, device_count=1)
+
+
+def test_state_shapes_of_the_paper_model_without_compiling():
+    config = load("cifar10_sd")
+    model = train.create_model(config)
+    tx = optim.create(config.optim, 1000, 390)
+    init = functools.partial(train.create_train_state, config, model, (32, 32, 3), tx=tx)
+    state = jax.eval_shape(init, jax.random.key(0))
+    n = sum(x.size for x in jax.tree.leaves(state.params))
+    assert 1.6e6 < n < 1.8e6  # ResNet-110: 1.7M parameters
+
+
+def test_argument_strings():
+    config = load("cifar10_sd", "final_drop_rate=0.3,mode=row,schedule=uniform,seed=3")
+    assert (config.model.final_drop_rate, config.model.drop_mode) == (0.3, "row")
+    assert (config.model.drop_schedule, config.seed) == ("uniform", 3)
+    b3 = load("imagenet_efficientnet", "b3")
+    assert b3.model.name == "efficientnet_b3" and b3.input.image_size == 300
+    b5 = load("imagenet_efficientnet", "variant=b5,final_drop_rate=0.3")
+    assert b5.model.name == "efficientnet_b5" and b5.model.final_drop_rate == 0.3
+    with pytest.raises(ValueError, match="variant 'b9'"):
+        load("imagenet_efficientnet", "b9")
+    assert load("digits_sd", "epochs=3").train.num_epochs == 3

@@ -1,0 +1,141 @@
+"""Tests of sdjax.data: data order purity, splits, augmentation, tfds loading and errors."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from sdjax import data as data_lib
+from sdjax.config_utils import default_config
+from sdjax.data import augment
+
+SHARED_TFDS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tfds")
+
+
+def _input(**overrides) -> ml_collections.ConfigDict:
+    cfg = default_config().input
+    cfg.dataset = "digits"
+    cfg.augment.crop_padding = 1
+    cfg.augment.flip = False
+    for k, v in overrides.items():
+        cfg[k] = v
+    return cfg
+
+
+def test_epoch_permutation_is_pure_function_of_seed_and_epoch():
+    a = data_lib.epoch_permutation(3, 7, 100)
+    np.testing.assert_array_equal(a, data_lib.epoch_permutation(3, 7, 100))
+    assert sorted(a.tolist()) == list(range(100))
+    assert not np.array_equal(a, data_lib.epoch_permutation(3, 8, 100))
+    assert not np.array_equal(a, data_lib.epoch_permutation(4, 7, 100))
+
+
+def test_batch_indices_follow_the_epoch_permutation():
+    n, bs = 103, 10  # 10 steps per epoch, 3 examples unused per epoch
+    for step in (0, 9, 10, 25):
+        epoch, i = divmod(step, 10)
+        expected = data_lib.epoch_permutation(0, epoch, n)[i * bs : (i + 1) * bs]
+        np.testing.assert_array_equal(data_lib.batch_indices(0, step, bs, n), expected)
+    epoch0 = np.concatenate([data_lib.batch_indices(0, s, bs, n) for s in range(10)])
+    assert len(set(epoch0.tolist())) == 100  # no repeats within an epoch
+
+
+def test_digits_split_is_fixed_stratified_and_hosts_read_their_slices():
+    ds = data_lib.create(_input())
+    assert ds.train[0].shape == (1437, 8, 8, 1) and ds.train[0].dtype == np.float32
+    assert ds.test[0].shape == (360, 8, 8, 1)
+    assert len(ds.val[1]) == 0
+    assert np.bincount(ds.test[1]).min() >= 35  # stratified: ~36 per class
+    again = data_lib.create(_input())
+    np.testing.assert_array_equal(ds.test[1], again.test[1])
+    full = ds.train_batch(5, 30, 64)
+    halves = [ds.train_batch(5, 30, 64, process_index=i, process_count=2) for i in range(2)]
+    np.testing.assert_array_equal(np.concatenate([h["image"] for h in halves]), full["image"])
+    it = ds.train_iterator(5, 30, 64)
+    np.testing.assert_array_equal(next(it)["label"], full["label"])
+    np.testing.assert_array_equal(next(it)["label"], ds.train_batch(5, 31, 64)["label"])
+
+
+def test_validation_split_and_eval_batches_cover_every_example_once():
+    ds = data_lib.create(_input(validation_size=100))
+    assert len(ds.val[1]) == 100 and len(ds.train[1]) == 1337
+    batches = list(ds.eval_batches("test", 128))
+    assert [len(b["label"]) for b in batches] == [128, 128, 128]
+    assert sum(int(b["mask"].sum()) for b in batches) == 360
+    seen = np.concatenate([b["label"][b["mask"]] for b in batches])
+    np.testing.assert_array_equal(seen, ds.test[1])
+
+
+def test_normalisation_statistics_come_from_the_training_part():
+    ds = data_lib.create(_input())
+    x = augment.normalize(jnp.asarray(ds.train[0]), ds.mean, ds.std)
+    np.testing.assert_allclose(float(x.mean()), 0.0, atol=1e-4)
+    np.testing.assert_allclose(float(x.std()), 1.0, atol=1e-3)
+
+
+def test_random_crop_is_a_window_of_the_zero_padded_image():
+    images = jnp.arange(2 * 5 * 6 * 1, dtype=jnp.float32).reshape(2, 5, 6, 1) + 1
+    out = augment.random_crop(images, jax.random.key(0), padding=2)
+    assert out.shape == images.shape
+    padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
+    for b in range(2):
+        windows = [padded[b, dy : dy + 5, dx : dx + 6] for dy in range(5) for dx in range(5)]
+        assert any(np.array_equal(np.asarray(out[b]), w) for w in windows)
+    assert augment.random_crop(images, jax.random.key(0), padding=0) is images
+
+
+def test_random_flip_flips_about_half_and_is_keyed():
+    images = jax.random.normal(jax.random.key(1), (256, 4, 4, 3))
+    out = augment.random_flip(images, jax.random.key(2))
+    flipped = np.all(np.asarray(out) == np.asarray(images[:, :, ::-1]), axis=(1, 2, 3))
+    kept = np.all(np.asarray(out) == np.asarray(images), axis=(1, 2, 3))
+    assert np.all(flipped | kept)
+    assert 90 < flipped.sum() < 166
+    np.testing.assert_array_equal(out, augment.random_flip(images, jax.random.key(2)))
+
+
+def test_preprocess_eval_only_normalises():
+    images = jnp.full((2, 4, 4, 3), 10, jnp.uint8)
+    out = augment.preprocess(images, None, mean=(5.0, 5.0, 5.0), std=(5.0, 5.0, 5.0), flip=True)
+    assert out.dtype == jnp.float32
+    np.testing.assert_allclose(out, 1.0)
+    train = augment.preprocess(
+        images, jax.random.key(0), mean=(0, 0, 0), std=(1, 1, 1), crop_padding=4, flip=True
+    )
+    assert train.shape == (2, 4, 4, 3)
+
+
+def test_synthetic_is_deterministic():
+    cfg = _input(dataset="synthetic", synthetic_num_train=64, synthetic_num_test=32)
+    a, b = data_lib.create(cfg), data_lib.create(cfg)
+    assert a.train[0].shape == (64, 32, 32, 3) and a.train[0].dtype == np.uint8
+    np.testing.assert_array_equal(a.train[0], b.train[0])
+
+
+def test_missing_tfds_dataset_says_where_it_looked_and_how_to_provide(tmp_path):
+    cfg = _input(dataset="cifar100", data_dir=str(tmp_path))
+    with pytest.raises(ValueError) as e:
+        data_lib.check_available(cfg)
+    msg = str(e.value)
+    assert str(tmp_path) in msg and "tfds build" in msg and "TFDS_DATA_DIR" in msg
+    assert "gs://" in msg
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_TFDS), reason="shared CIFAR-10 not present")
+def test_real_cifar10_loads_from_shared_tfds():
+    cfg = _input(
+        dataset="cifar10",
+        data_dir=SHARED_TFDS,
+        train_split="test[:512]",
+        test_split="test[:256]",
+    )
+    info = data_lib.check_available(cfg)
+    assert info.image_shape == (32, 32, 3) and info.num_classes == 10
+    ds = data_lib.create(cfg)
+    assert ds.train[0].shape == (512, 32, 32, 3) and ds.train[0].dtype == np.uint8
+    assert ds.test[0].shape == (256, 32, 32, 3)
+    assert set(np.unique(ds.test[1])) <= set(range(10))
+    assert 60 < ds.mean[0] < 200  # uint8 pixel statistics
