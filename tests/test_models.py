@@ -1,0 +1,413 @@
+"""Tests of sdjax.models: sizes, shapes, stochastic-depth wiring, scan vs unrolled, errors.
+
+Everything runs on tiny inputs (CIFAR ResNet-20 on 2x8x8x3, EfficientNet-B0 on 32x32); parameter
+counts of the big networks come from `jax.eval_shape` (no real initialization).
+"""
+
+import functools
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.core import unfreeze
+from jax import lax
+
+import sdjax.models as models
+from sdjax.models import common
+
+DROPOUT_KEY = jax.random.key(42)
+
+
+def count_params(model, size):
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree_util.tree_leaves(shapes["params"]))
+
+
+def tiny_images(shape=(2, 8, 8, 3), seed=1):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def max_abs_diff(a, b):
+    diffs = jax.tree_util.tree_map(lambda x, y: float(jnp.max(jnp.abs(x - y))), a, b)
+    return max(jax.tree_util.tree_leaves(diffs))
+
+
+def init(model, x, seed=0):
+    """Deterministic stand-in for ``model.init`` (no compile: real inits cost seconds of CPU).
+
+    Shapes come from ``jax.eval_shape(model.init)`` (which traces the real init); kernels are
+    He-normal, BatchNorm scales and running variances ~1, biases and running means small noise.
+    """
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[-3:-1] if len(leaf.shape) >= 4 else leaf.shape[-2:-1]))
+            value = rng.normal(size=leaf.shape) * np.sqrt(2.0 / fan_in)
+        elif name in ("scale", "var"):
+            value = 1.0 + 0.1 * rng.uniform(size=leaf.shape)
+        else:  # bias, mean
+            value = 0.1 * rng.normal(size=leaf.shape)
+        return jnp.asarray(value, leaf.dtype)
+
+    return unfreeze(jax.tree_util.tree_map_with_path(fill, shapes))
+
+
+@functools.cache
+def train_apply(model):
+    """Jitted ``apply(variables, x, key)`` in training mode -> (logits, new batch_stats).
+
+    Cached per model (Flax modules hash by their fields), so tests share compiled programs.
+    """
+
+    def fn(variables, x, key):
+        logits, updates = model.apply(
+            variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"]
+        )
+        return logits, updates["batch_stats"]
+
+    return jax.jit(fn)
+
+
+@functools.cache
+def eval_apply(model):
+    return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
+
+
+@pytest.fixture(scope="module")
+def cifar_variables():
+    """Unrolled-layout variables of cifar_resnet20 for 2x8x8x3 inputs, and the inputs."""
+    x = tiny_images()
+    return init(models.create("cifar_resnet20"), x), x
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry, parameter counts, shapes.
+
+
+def test_names_cover_all_families():
+    expected = (
+        [f"cifar_resnet{d}" for d in (20, 32, 44, 56, 110, 152, 1202)]
+        + [f"resnet{d}" for d in (18, 34, 50, 101, 152)]
+        + [f"efficientnet_b{i}" for i in range(8)]
+    )
+    assert models.names() == expected
+
+
+@pytest.mark.parametrize(
+    "name, size, expected",
+    [
+        ("cifar_resnet110", 32, 1_727_962),
+        ("resnet50", 224, 25_557_032),
+        ("efficientnet_b0", 224, 5_288_548),
+    ],
+)
+def test_reference_parameter_counts(name, size, expected):
+    # Unrolled layout here; the scanned layout is counted in test_every_model_parameter_count.
+    assert count_params(models.create(name), size) == expected
+
+
+# Reference sizes (1000 classes for ImageNet models, 10 for CIFAR): torchvision's ResNets and the
+# reference EfficientNets.
+PARAMETER_COUNTS = {
+    "cifar_resnet20": 269_722,
+    "cifar_resnet32": 464_154,
+    "cifar_resnet44": 658_586,
+    "cifar_resnet56": 853_018,
+    "cifar_resnet110": 1_727_962,
+    "cifar_resnet152": 2_408_474,
+    "cifar_resnet1202": 19_421_274,
+    "resnet18": 11_689_512,
+    "resnet34": 21_797_672,
+    "resnet50": 25_557_032,
+    "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+    "efficientnet_b0": 5_288_548,
+    "efficientnet_b1": 7_794_184,
+    "efficientnet_b2": 9_109_994,
+    "efficientnet_b3": 12_233_232,
+    "efficientnet_b4": 19_341_616,
+    "efficientnet_b5": 30_389_784,
+    "efficientnet_b6": 43_040_704,
+    "efficientnet_b7": 66_347_960,
+}
+
+
+def test_every_model_parameter_count():
+    counts = {}
+    for name in models.names():
+        # Scanned layouts trace fast; the count is the same (see above).
+        size = 32 if name.startswith("cifar") else 64
+        counts[name] = count_params(models.create(name, scan_blocks=True), size)
+    assert counts == PARAMETER_COUNTS
+
+
+def test_block_counts_and_schedule():
+    cifar = models.create("cifar_resnet110")
+    assert cifar.num_blocks == 54
+    rates = cifar.block_rates(cifar.num_blocks)
+    assert rates[0] == pytest.approx(0.5 / 54) and rates[-1] == 0.5
+    assert models.create("resnet50").num_blocks == 16
+    assert models.create("resnet152").num_blocks == 50
+    assert models.create("efficientnet_b0").num_blocks == 16
+
+
+def test_defaults_follow_paper_and_reference():
+    cifar = models.create("cifar_resnet110")
+    assert (cifar.final_drop_rate, cifar.drop_schedule, cifar.drop_mode, cifar.scale_by_keep) == (
+        0.5,
+        "linear",
+        "batch",
+        False,
+    )
+    effnet = models.create("efficientnet_b3")
+    assert (effnet.final_drop_rate, effnet.drop_schedule, effnet.drop_mode) == (
+        0.2,
+        "efficientnet",
+        "row",
+    )
+    assert effnet.scale_by_keep and effnet.dropout_rate == 0.3 and effnet.image_size == 300
+    assert [models.create(f"efficientnet_b{i}").dropout_rate for i in range(8)] == [
+        0.2,
+        0.2,
+        0.3,
+        0.3,
+        0.4,
+        0.4,
+        0.5,
+        0.5,
+    ]
+
+
+def test_cifar_resnet_shapes_train_and_eval(cifar_variables):
+    variables, x = cifar_variables
+    model = models.create("cifar_resnet20")
+    logits, new_stats = train_apply(model)(variables, x, DROPOUT_KEY)
+    assert logits.shape == (2, 10) and logits.dtype == jnp.float32
+    eval_logits = eval_apply(model)(variables, x)
+    assert eval_logits.shape == (2, 10) and eval_logits.dtype == jnp.float32
+    # Train mode normalizes with batch statistics (and drops blocks); eval does neither.
+    assert not np.allclose(logits, eval_logits, atol=1e-3)
+    # Eval is deterministic; training is deterministic given the key.
+    np.testing.assert_array_equal(eval_logits, eval_apply(model)(variables, x))
+    np.testing.assert_array_equal(logits, train_apply(model)(variables, x, DROPOUT_KEY)[0])
+    assert jax.tree_util.tree_structure(new_stats) == jax.tree_util.tree_structure(
+        variables["batch_stats"]
+    )
+
+
+def test_efficientnet_b0_and_resnet50_shapes():
+    x = tiny_images((1, 32, 32, 3))
+    # The XLA convolution compiles faster; the fast one is tested in test_conv.py and above.
+    effnet = models.create("efficientnet_b0", num_classes=5, conv_impl="xla")
+    logits, _ = train_apply(effnet)(init(effnet, x), x, DROPOUT_KEY)
+    assert logits.shape == (1, 5) and logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+    resnet = models.create("resnet50", num_classes=3, width=4, conv_impl="xla")
+    logits = eval_apply(resnet)(init(resnet, x), x)
+    assert logits.shape == (1, 3) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(cifar_variables):
+    variables, x = cifar_variables
+    model = models.create("cifar_resnet20", dtype=jnp.bfloat16)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), x)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(shapes))
+    logits, _ = train_apply(model)(variables, x, DROPOUT_KEY)
+    assert logits.dtype == jnp.float32
+    # Same key, same gates: close to the float32 network.
+    reference, _ = train_apply(models.create("cifar_resnet20"))(variables, x, DROPOUT_KEY)
+    np.testing.assert_allclose(logits, reference, atol=0.1, rtol=0.05)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stochastic depth wiring.
+
+
+def shortcut_only_logits(variables, x, widths=(16, 32, 64), epsilon=1e-5):
+    """CIFAR ResNet with every residual branch removed (training-mode stem BN), in plain JAX."""
+    params = variables["params"]
+    y = lax.conv_general_dilated(
+        x, params["stem_conv"]["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    mean = y.mean(axis=(0, 1, 2))
+    var = y.var(axis=(0, 1, 2))
+    y = (y - mean) / jnp.sqrt(var + epsilon)
+    y = jax.nn.relu(y * params["stem_bn"]["scale"] + params["stem_bn"]["bias"])
+    for stage, features in enumerate(widths):
+        if stage > 0:  # 2x2 average pooling with stride 2, then zero channels.
+            n, h, w, c = y.shape
+            y = y.reshape(n, h // 2, 2, w // 2, 2, c).mean(axis=(2, 4))
+        y = jnp.pad(y, ((0, 0), (0, 0), (0, 0), (0, features - y.shape[-1])))
+    y = y.mean(axis=(1, 2))
+    return y @ params["head"]["kernel"] + params["head"]["bias"]
+
+
+@pytest.mark.parametrize("drop_mode", ["batch", "row"])
+def test_every_block_dropped_equals_shortcut_path(cifar_variables, drop_mode):
+    variables, x = cifar_variables
+    model = models.create(
+        "cifar_resnet20", final_drop_rate=1.0, drop_schedule="uniform", drop_mode=drop_mode
+    )
+    logits, new_stats = train_apply(model)(variables, x, DROPOUT_KEY)
+    np.testing.assert_allclose(logits, shortcut_only_logits(variables, x), rtol=1e-5, atol=1e-5)
+    for name, stats in new_stats.items():
+        changed = max_abs_diff(stats, variables["batch_stats"][name]) > 0
+        if drop_mode == "batch":
+            # Dropped blocks are not computed: their BatchNorm statistics are untouched.
+            assert changed == (name == "stem_bn"), name
+        else:
+            # Row mode computes every branch and masks it.
+            assert changed, name
+
+
+def test_rate_zero_train_and_eval_differ_only_by_batch_norm(cifar_variables):
+    # With momentum 0 the running averages become this batch's statistics; evaluating with them
+    # reproduces the training output when nothing is dropped (and no dropout key is needed).
+    variables, x = cifar_variables
+    model = models.create("cifar_resnet20", final_drop_rate=0.0, bn_momentum=0.0)
+    logits, updates = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(
+        variables, x
+    )
+    eval_variables = {"params": variables["params"], "batch_stats": updates["batch_stats"]}
+    np.testing.assert_allclose(eval_apply(model)(eval_variables, x), logits, rtol=1e-4, atol=1e-4)
+    # ... while the initial running averages give a different output.
+    assert not np.allclose(eval_apply(model)(variables, x), logits, atol=1e-3)
+
+
+def test_batch_mode_compiles_to_a_conditional_and_row_mode_does_not():
+    x = tiny_images()
+    for drop_mode, expect_cond in (("batch", True), ("row", False)):
+        model = models.create("cifar_resnet20", drop_mode=drop_mode, scan_blocks=True)
+        variables = jax.eval_shape(model.init, jax.random.key(0), x)
+        jaxpr = str(
+            jax.make_jaxpr(
+                lambda v, x, m=model: m.apply(
+                    v, x, train=True, rngs={"dropout": DROPOUT_KEY}, mutable=["batch_stats"]
+                )
+            )(variables, x)
+        )
+        assert ("cond[" in jaxpr) == expect_cond, drop_mode
+        assert "scan[" in jaxpr
+
+
+@pytest.mark.parametrize("drop_mode", ["batch", "row"])
+def test_scan_and_unrolled_agree(cifar_variables, drop_mode):
+    """Same parameters and dropout key: same logits and BatchNorm updates in both layouts."""
+    variables, x = cifar_variables
+    # Batch mode: the defaults (linear decay to 0.5); row mode: uniform 0.5.
+    kwargs = {} if drop_mode == "batch" else dict(drop_schedule="uniform", drop_mode="row")
+    unrolled = models.create("cifar_resnet20", **kwargs)
+    scanned = models.create("cifar_resnet20", scan_blocks=True, **kwargs)
+    scan_variables = models.unrolled_to_scan(variables)
+    assert jax.tree_util.tree_structure(scan_variables) == jax.tree_util.tree_structure(
+        jax.eval_shape(scanned.init, jax.random.key(0), x)
+    )
+    logits, stats = train_apply(unrolled)(variables, x, DROPOUT_KEY)
+    scan_logits, scan_stats = train_apply(scanned)(scan_variables, x, DROPOUT_KEY)
+    np.testing.assert_allclose(scan_logits, logits, rtol=1e-5, atol=1e-5)
+    assert max_abs_diff(models.scan_to_unrolled(scan_stats), stats) < 1e-5
+    if drop_mode == "batch":
+        # The key draws a mix of kept and dropped blocks (so the comparison means something).
+        changed = [
+            max_abs_diff(stats[name], variables["batch_stats"][name]) > 0
+            for name in stats
+            if "_block" in name
+        ]
+        assert any(changed) and not all(changed), changed
+        np.testing.assert_allclose(
+            eval_apply(scanned)(scan_variables, x),
+            eval_apply(unrolled)(variables, x),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+        rematted = models.create("cifar_resnet20", scan_blocks=True, remat=True)
+        remat_logits, _ = train_apply(rematted)(scan_variables, x, DROPOUT_KEY)
+        np.testing.assert_allclose(remat_logits, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_layout_converters_round_trip(cifar_variables):
+    variables, _ = cifar_variables
+    scanned = common.unrolled_to_scan(variables)
+    kernel = scanned["params"]["stage1_rest"]["residual"]["branch"]["conv1"]["kernel"]
+    assert kernel.shape == (2, 3, 3, 16, 16)
+    assert "stage1_block1" not in scanned["params"]
+    assert max_abs_diff(common.scan_to_unrolled(scanned), variables) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors.
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="cifar_resnet110.*efficientnet_b7"):
+        models.create("resnet999")
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(dropout=0.1), "unknown field.*final_drop_rate"),
+        (dict(final_drop_rate=1.5), "final_drop_rate.*1.5"),
+        (dict(final_drop_rate=float("nan")), "final_drop_rate.*nan"),
+        (dict(final_drop_rate=-0.1), "final_drop_rate"),
+        (dict(final_drop_rate=True), "final_drop_rate"),
+        (dict(drop_schedule="cosine"), "drop_schedule='cosine'.*linear"),
+        (dict(drop_mode="sample"), "drop_mode='sample'.*row, batch"),
+        (dict(conv_impl="cudnn"), "conv_impl.*auto"),
+        (dict(scan_blocks="yes"), "scan_blocks"),
+        (dict(num_classes=0), "num_classes"),
+        (dict(dtype=jnp.int32), "dtype"),
+        (dict(depth=56), "depth is fixed"),
+    ],
+)
+def test_invalid_fields_fail_at_construction(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        models.create("cifar_resnet20", **overrides)
+
+
+def test_invalid_architecture_fields():
+    with pytest.raises(ValueError, match="6n"):
+        models.CifarResNet(depth=21)
+    with pytest.raises(ValueError, match="depth=42"):
+        models.ResNet(depth=42)
+    with pytest.raises(ValueError, match="dropout_rate"):
+        models.create("efficientnet_b0", dropout_rate=2.0)
+
+
+@pytest.mark.parametrize(
+    "name, shape, match",
+    [
+        ("cifar_resnet20", (8, 8, 3), "rank 4"),
+        ("cifar_resnet20", (2, 8, 8, 1), "3 input channels"),
+        ("cifar_resnet20", (2, 2, 2, 3), "at least 4x4"),
+        ("efficientnet_b0", (1, 16, 16, 3), "at least 32x32"),
+        ("resnet18", (1, 31, 64, 3), "at least 32x32"),
+    ],
+)
+def test_wrong_input_is_a_clear_error(name, shape, match):
+    model = models.create(name)
+    with pytest.raises(ValueError, match=match):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape)))
+
+
+def test_training_without_dropout_key_is_a_clear_error():
+    model = models.create("cifar_resnet20")
+    x = tiny_images()
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    with pytest.raises(ValueError, match="rngs"):
+        jax.eval_shape(lambda v: model.apply(v, x, train=True, mutable=["batch_stats"]), variables)
+
+
+def test_models_do_not_import_tensorflow():
+    code = (
+        "import sys, sdjax.models; "
+        "assert not any(m.split('.')[0] in ('tensorflow', 'tensorflow_datasets') "
+        "for m in sys.modules), 'tensorflow imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
