@@ -1,0 +1,211 @@
+"""Micro-benchmark of sdjax.conv.conv2d: stock XLA convolution vs the CPU fast path.
+
+Times the forward pass and forward+backward (gradients with respect to the input and
+the kernel) of single convolutions at CIFAR ResNet and EfficientNet shapes, at top
+level and inside a `lax.cond` (where XLA:CPU's convolution gradients are slowest).
+Each figure is the median wall time of >= 10 jitted calls after warm-up; the CPU
+time per call (all threads) is recorded too, since the machine may be shared.
+
+    python -m experiments.conv_microbench            # writes experiments/results/conv_microbench.{json,md}
+    python -m experiments.conv_microbench --quick    # smaller batch, fewer repeats (a smoke run)
+    python -m experiments.conv_microbench --explore  # also times every k x k formulation
+
+No randomness beyond fixed-key inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from sdjax import conv
+
+RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+
+# name: (x shape NHWC, kernel shape HWIO, stride, feature_group_count)
+CASES = {
+    "cifar 3x3 16->16 32x32 s1": ((128, 32, 32, 16), (3, 3, 16, 16), 1, 1),
+    "cifar 3x3 16->32 32x32 s2": ((128, 32, 32, 16), (3, 3, 16, 32), 2, 1),
+    "cifar 3x3 32->32 16x16 s1": ((128, 16, 16, 32), (3, 3, 32, 32), 1, 1),
+    "cifar 3x3 32->64 16x16 s2": ((128, 16, 16, 32), (3, 3, 32, 64), 2, 1),
+    "cifar 3x3 64->64 8x8 s1": ((128, 8, 8, 64), (3, 3, 64, 64), 1, 1),
+    "effnet dw 3x3 96 16x16 s1": ((64, 16, 16, 96), (3, 3, 1, 96), 1, 96),
+    "effnet 1x1 96->24 16x16": ((64, 16, 16, 96), (1, 1, 96, 24), 1, 1),
+}
+
+
+def _make_fn(impl, stride, groups, context, pass_, formulation=None):
+    def conv_fn(x, kernel):
+        if formulation is not None:
+            pads = conv._explicit_padding("SAME", x.shape[1:3], kernel.shape[:2], (stride, stride))
+            return conv._conv_fast(x, kernel, (stride, stride), pads, formulation)
+        return conv.conv2d(x, kernel, strides=stride, feature_group_count=groups, impl=impl)
+
+    if context == "cond":
+        inner = conv_fn
+
+        def conv_fn(x, kernel):  # noqa: F811 -- the same conv, in a lax.cond branch
+            return lax.cond(
+                x[0, 0, 0, 0] > -1e30,
+                lambda ops: inner(*ops),
+                lambda ops: jnp.zeros_like(inner(*ops)),
+                (x, kernel),
+            )
+
+    if pass_ == "fwd":
+        return jax.jit(conv_fn)
+
+    def fwd_bwd(x, kernel, cotangent):
+        out, vjp = jax.vjp(conv_fn, x, kernel)
+        return out, vjp(cotangent)
+
+    return jax.jit(fwd_bwd)
+
+
+def _time(fn, args, repeats, warmup):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    compile_s = time.perf_counter() - start
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    walls, cpus = [], []
+    for _ in range(repeats):
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        jax.block_until_ready(fn(*args))
+        walls.append(time.perf_counter() - wall0)
+        cpus.append(time.process_time() - cpu0)
+    return {
+        "median_ms": 1e3 * statistics.median(walls),
+        "min_ms": 1e3 * min(walls),
+        "cpu_ms": 1e3 * statistics.median(cpus),
+        "compile_s": compile_s,
+        "repeats": repeats,
+    }
+
+
+def _inputs(x_shape, k_shape, stride, groups, batch):
+    x_shape = (batch or x_shape[0],) + tuple(x_shape[1:])
+    kx, kk, kc = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, x_shape, jnp.float32)
+    kernel = jax.random.normal(kk, k_shape, jnp.float32) * 0.1
+    out_shape = jax.eval_shape(
+        lambda a, b: conv.conv2d(a, b, strides=stride, feature_group_count=groups, impl="xla"),
+        x,
+        kernel,
+    ).shape
+    cotangent = jax.random.normal(kc, out_shape, jnp.float32)
+    return x, kernel, cotangent
+
+
+def run(args) -> dict:
+    rows = []
+    for (name, (x_shape, k_shape, stride, groups)), context, pass_ in itertools.product(
+        CASES.items(), ("top", "cond"), ("fwd", "fwd+bwd")
+    ):
+        if args.cases and not any(c in name for c in args.cases):
+            continue
+        x, kernel, cotangent = _inputs(x_shape, k_shape, stride, groups, args.batch)
+        call_args = (x, kernel) if pass_ == "fwd" else (x, kernel, cotangent)
+        variants = [("xla", None), ("fast", None)]
+        if args.explore and groups == 1 and k_shape[0] > 1:
+            fwd_kinds = ("lax", "im2col", "taps")
+            if pass_ == "fwd":
+                variants += [(f"fast[{f}]", (f, "taps", "taps")) for f in fwd_kinds]
+            else:
+                variants += [
+                    (f"fast[{f},{dk},{dx}]", (f, dk, dx))
+                    for f, dk, dx in itertools.product(
+                        ("lax",), ("taps", "im2col", "conv"), ("taps", "conv")
+                    )
+                ]
+        for label, formulation in variants:
+            impl = "xla" if label == "xla" else "fast"
+            fn = _make_fn(impl, stride, groups, context, pass_, formulation)
+            timing = _time(fn, call_args, args.repeats, args.warmup)
+            row = dict(case=name, context=context, pass_=pass_, impl=label, **timing)
+            row["x_shape"], row["kernel_shape"] = list(x.shape), list(kernel.shape)
+            rows.append(row)
+            print(
+                f"{name:28s} {context:4s} {pass_:7s} {label:26s} "
+                f"{row['median_ms']:9.2f} ms  cpu {row['cpu_ms']:9.2f} ms  "
+                f"compile {row['compile_s']:.2f} s",
+                flush=True,
+            )
+    return {
+        "command": "python -m experiments.conv_microbench " + " ".join(args.argv),
+        "jax_version": jax.__version__,
+        "backend": jax.default_backend(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
+        "rows": rows,
+    }
+
+
+def to_markdown(result: dict) -> str:
+    lines = [
+        "# conv2d micro-benchmark: stock XLA conv vs sdjax fast path",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"jax {result['jax_version']}, backend {result['backend']}, {result['cpu_count']} CPUs, "
+        f"load average at end {tuple(round(v, 1) for v in result['load_average_at_end'])}.  ",
+        "Median wall ms per call (jitted, after warm-up); speedup = xla / fast.",
+        "",
+        "| case | context | pass | xla ms | fast ms | speedup |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    by_key = {}
+    for row in result["rows"]:
+        by_key.setdefault((row["case"], row["context"], row["pass_"]), {})[row["impl"]] = row
+    for (case, context, pass_), impls in by_key.items():
+        xla, fast = impls["xla"]["median_ms"], impls["fast"]["median_ms"]
+        lines.append(
+            f"| {case} | {context} | {pass_} | {xla:.2f} | {fast:.2f} | {xla / fast:.1f}x |"
+        )
+    extra = [r for r in result["rows"] if r["impl"] not in ("xla", "fast")]
+    if extra:
+        lines += ["", "Formulations of the k x k fast path (forward, dkernel, dx):", ""]
+        lines += ["| case | context | pass | formulation | ms |", "|---|---|---|---|---:|"]
+        for r in extra:
+            lines.append(
+                f"| {r['case']} | {r['context']} | {r['pass_']} | {r['impl']} | "
+                f"{r['median_ms']:.2f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="batch 32, 10 repeats, 1 warm-up")
+    parser.add_argument("--explore", action="store_true", help="time every k x k formulation")
+    parser.add_argument("--repeats", type=int, default=None, help="timed calls (>= 10)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=None, help="override the batch size")
+    parser.add_argument("--cases", nargs="*", default=None, help="substrings of case names")
+    parser.add_argument("--out_dir", default=str(RESULTS_DIR))
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    if args.quick:
+        args.batch = args.batch or 32
+        args.warmup = 1
+    args.repeats = max(10, args.repeats or 10)
+    result = run(args)
+    out_dir = pathlib.Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "conv_microbench.json").write_text(json.dumps(result, indent=1))
+    (out_dir / "conv_microbench.md").write_text(to_markdown(result))
+    print(f"wrote {out_dir / 'conv_microbench.json'} and conv_microbench.md")
+
+
+if __name__ == "__main__":
+    main()
