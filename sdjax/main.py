@@ -35,6 +35,29 @@ def _quiet_orbax(record: pylogging.LogRecord) -> bool:
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a clear error for an override of a field the config lacks.
+
+    ml_collections raises ``KeyError``/``AttributeError`` (not a flags error) for
+    ``--config.model.final_drop_rat=0.3``; absl would print a bare traceback for it.
+    """
+    try:
+        return app.parse_flags_with_usage(argv)  # absl's default: flag errors -> FATAL, exit 1
+    except (AttributeError, KeyError) as e:
+        detail = e
+        while isinstance(detail, BaseException) and detail.args:
+            detail = detail.args[0]  # AttributeError(KeyError(message)) -> message
+        detail = str(detail).replace("\n", "; ")
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        print(
+            f"FATAL Flags parsing error: unknown config field {detail} (overrides given: "
+            f"{', '.join(overrides)}). Only fields of the config can be overridden; see "
+            "sdjax.config_utils.default_config for all of them.",
+            file=sys.stderr,
+        )
+        sys.exit(1)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -58,4 +81,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

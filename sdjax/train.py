@@ -332,7 +332,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     image_shape = tuple(data.info.image_shape)
     init_fn = functools.partial(create_train_state, config, model, image_shape, tx=tx)
     state = jax.jit(init_fn, out_shardings=replicated)(init_key)
-    train_key = jax.device_put(train_key, replicated)
+    # Not device_put: with several hosts the replicated sharding is not fully addressable.
+    train_key = jax.jit(lambda key: key, out_shardings=replicated)(train_key)
 
     checkpointer = checkpoint_lib.Checkpointer(
         os.path.join(workdir, "checkpoints"),
