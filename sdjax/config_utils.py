@@ -87,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.drop_mode = "batch"
     c.model.scale_by_keep = False
     # Scanned stages compile faster everywhere and, on XLA:CPU, train 1.6-2.3x faster than unrolled
-    # ones (experiments/results/benchmark_scan.md); the parameters are stacked per stage.
+    # ones (experiments/results/scan/benchmark.md); the parameters are stacked per stage.
     c.model.scan_blocks = True
     c.model.remat = False
     c.model.conv_impl = "auto"
