@@ -21,10 +21,8 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from sdjax.layers import DropPathResidual
 from sdjax.models.common import (
     Conv,
     StochasticDepthFields,
@@ -33,6 +31,7 @@ from sdjax.models.common import (
     check_input,
     model_key,
     pad_channels_shortcut,
+    relu_residual,
 )
 
 __all__ = ["CifarResNet", "CifarResNetBlock", "DEPTHS"]
@@ -105,19 +104,7 @@ class CifarResNetBlock(nn.Module):
             self.dtype,
             self.conv_impl,
         )
-        y = DropPathResidual(
-            branch=branch,
-            rate=rate,
-            mode=self.drop_mode,
-            scale_by_keep=self.scale_by_keep,
-            name="residual",
-        )(
-            x,
-            shortcut,
-            deterministic=key is None,
-            rng=None if key is None else jax.random.fold_in(key, block_index),
-        )
-        return nn.relu(y)
+        return relu_residual(self, branch, x, shortcut, rate, block_index, key)
 
 
 class CifarResNet(nn.Module, StochasticDepthFields):

@@ -34,6 +34,7 @@ import numpy as np
 
 from sdjax import schedules
 from sdjax.conv import IMPLS, conv2d
+from sdjax.layers import DropPathResidual
 from sdjax.ops import DROP_PATH_MODES, check_rate
 
 __all__ = [
@@ -285,6 +286,37 @@ def model_key(module: nn.Module, stochastic: bool) -> Array | None:
             'pass rngs={"dropout": key} to apply (or train=False, or final_drop_rate=0).'
         )
     return module.make_rng("dropout")
+
+
+def relu_residual(
+    block: nn.Module,
+    branch: nn.Module,
+    x: Array,
+    shortcut: Array,
+    rate: Any,
+    block_index: Any,
+    key: Array | None,
+) -> Array:
+    """``relu(shortcut + drop_path(branch(x)))``: the residual add of the ResNet blocks.
+
+    Call from ``block``'s compact ``__call__``; ``block`` carries the ``drop_mode`` and
+    ``scale_by_keep`` fields, and the :class:`sdjax.layers.DropPathResidual` becomes its child
+    ``"residual"``. ``key`` is the model's stochastic-depth key (None: deterministic); the block's
+    gate key is ``fold_in(key, block_index)``. ``rate`` may be a traced 0-d array (``nn.scan``).
+    """
+    y = DropPathResidual(
+        branch=branch,
+        rate=rate,
+        mode=block.drop_mode,
+        scale_by_keep=block.scale_by_keep,
+        name="residual",
+    )(
+        x,
+        shortcut,
+        deterministic=key is None,
+        rng=None if key is None else jax.random.fold_in(key, block_index),
+    )
+    return nn.relu(y)
 
 
 def _scan_body(block: nn.Module, x: Array, xs: tuple[Array, Array], key: Array | None):

@@ -22,10 +22,8 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from sdjax.layers import DropPathResidual
 from sdjax.models.common import (
     Conv,
     StochasticDepthFields,
@@ -33,6 +31,7 @@ from sdjax.models.common import (
     batch_norm,
     check_input,
     model_key,
+    relu_residual,
 )
 
 __all__ = ["ResNet", "ResNetBlock", "STAGE_SIZES"]
@@ -139,19 +138,7 @@ class ResNetBlock(nn.Module):
             self.dtype,
             self.conv_impl,
         )
-        y = DropPathResidual(
-            branch=branch,
-            rate=rate,
-            mode=self.drop_mode,
-            scale_by_keep=self.scale_by_keep,
-            name="residual",
-        )(
-            x,
-            shortcut,
-            deterministic=key is None,
-            rng=None if key is None else jax.random.fold_in(key, block_index),
-        )
-        return nn.relu(y)
+        return relu_residual(self, branch, x, shortcut, rate, block_index, key)
 
 
 class ResNet(nn.Module, StochasticDepthFields):
