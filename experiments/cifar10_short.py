@@ -60,9 +60,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     `train_time_s`. `time_saved` is `1 - epoch_time / constant's epoch_time` (None without a
     constant run or epoch times).
     """
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in runs:
-        groups.setdefault(r["variant"], []).append(r)
+    groups = common.group_by_variant(runs)
     rows = []
     for variant, group in groups.items():
         ep = [r["epoch_time_s"] for r in group if r.get("epoch_time_s") is not None]
@@ -140,10 +138,7 @@ def plot(path: pathlib.Path, runs: Sequence[dict[str, Any]], title: str) -> None
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, title)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -145,6 +145,25 @@ def format_mean_std(values: Sequence[float], *, scale: float = 1.0, digits: int 
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def group_by_variant(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Runs grouped by their ``"variant"``, variants in order of first appearance."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault(run["variant"], []).append(run)
+    return groups
+
+
+def save_figure(fig: Any, path: str | os.PathLike, title: str | None = None) -> None:
+    """Adds ``title`` (if any), lays out, writes ``fig`` as a 120-dpi PNG and closes it."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415 (plotting only where a figure is made)
+
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A GitHub markdown table; cells are `str()`-ed, `|` escaped. Every row must match the headers."""
     for row in rows:

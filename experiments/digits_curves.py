@@ -39,11 +39,9 @@ def mean_curves(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, list[floa
 
     Curves are truncated to the shortest run of the variant (a run still in progress is shorter).
     """
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for r in runs:
-        groups.setdefault(r["variant"], []).append(r["curves"])
     out = {}
-    for variant, curves in groups.items():
+    for variant, group in common.group_by_variant(runs).items():
+        curves = [r["curves"] for r in group]
         entry: dict[str, list[float]] = {"num_runs": [len(curves)]}
         for x_key, y_key in (("epoch", "test_error"), ("train_epoch", "train_loss")):
             n = min(len(c[y_key]) for c in curves)
@@ -109,10 +107,7 @@ def plot(path: pathlib.Path, curves: dict[str, dict[str, list[float]]], title: s
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3, which="both")
         ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, title)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

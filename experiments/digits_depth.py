@@ -66,9 +66,7 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     the total training time and the steady epoch time, and the time relative to `constant` when
     that variant is present.
     """
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for run in runs:
-        groups.setdefault(run["variant"], []).append(run)
+    groups = common.group_by_variant(runs)
     rows = []
     for variant, group in groups.items():
         epoch_times = [r["epoch_time_s"] for r in group if r.get("epoch_time_s") is not None]
@@ -160,10 +158,7 @@ def plot(path: pathlib.Path, runs: Sequence[dict[str, Any]], title: str) -> None
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_title("test error: seeds (gray), mean ± std")
     axes[1].set_title("time per epoch (after the first)")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, title)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -331,9 +331,7 @@ def plot(path, data, fits, curves, scale, eval_every) -> None:
     ax.set_ylabel(f"mean train-mode activation ({scale['num_keys']} keys)")
     ax.set_title("scale check (dropout 0.5, inverted)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

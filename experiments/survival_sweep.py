@@ -151,10 +151,7 @@ def plot(path: pathlib.Path, curve: dict[str, Any], title: str) -> None:
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, title)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
