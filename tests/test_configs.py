@@ -1,5 +1,6 @@
 """Every config in configs/ loads, takes its argument strings, and validates (no training)."""
 
+import ast
 import functools
 import glob
 import importlib.util
@@ -11,7 +12,6 @@ import pytest
 from sdjax import config_utils, optim, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_TFDS = os.path.join(REPO, "..", "shared", "data", "tfds")
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 EXPECTED = {
     "cifar10_sd",
@@ -40,16 +40,25 @@ def test_all_configs_are_present():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_config_validates_without_data(name):
     config = load(name)
-    assert load.__module__  # the docstring names the command
+    with open(os.path.join(REPO, "configs", f"{name}.py")) as f:
+        docstring = ast.get_docstring(ast.parse(f.read()))
+    assert docstring and "python -m sdjax.main" in docstring, "the docstring names the command"
     config_utils.validate(config, check_data=False, device_count=1)
     assert set(config) == set(config_utils.default_config())
 
 
 @pytest.mark.parametrize("name", ["cifar10_sd", "cifar10_constant"])
-@pytest.mark.skipif(not os.path.isdir(SHARED_TFDS), reason="shared CIFAR-10 not present")
-def test_cifar10_configs_validate_against_real_data(name):
-    config = load(name, f"steps=10,data_dir={SHARED_TFDS}")
+def test_cifar10_configs_validate_against_real_data(name, tfds_data_dir):
+    config = load(name, f"steps=10,data_dir={tfds_data_dir}")
     config_utils.validate(config, device_count=1)
+
+
+def test_constant_depth_baseline_is_the_sd_recipe_without_drops():
+    constant = load("cifar10_constant").to_dict()
+    sd = load("cifar10_sd").to_dict()
+    assert constant["model"].pop("final_drop_rate") == 0.0
+    assert sd["model"].pop("final_drop_rate") == 0.5
+    assert constant == sd
 
 
 def test_state_shapes_of_the_paper_model_without_compiling():
