@@ -1,7 +1,5 @@
 """Tests of sdjax.data: data order purity, splits, augmentation, tfds loading and errors."""
 
-import os
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -11,8 +9,6 @@ import pytest
 from sdjax import data as data_lib
 from sdjax.config_utils import default_config
 from sdjax.data import augment
-
-SHARED_TFDS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "tfds")
 
 
 def _input(**overrides) -> ml_collections.ConfigDict:
@@ -124,11 +120,10 @@ def test_missing_tfds_dataset_says_where_it_looked_and_how_to_provide(tmp_path):
     assert "gs://" in msg
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED_TFDS), reason="shared CIFAR-10 not present")
-def test_real_cifar10_loads_from_shared_tfds():
+def test_real_cifar10_loads_from_shared_tfds(tfds_data_dir):
     cfg = _input(
         dataset="cifar10",
-        data_dir=SHARED_TFDS,
+        data_dir=str(tfds_data_dir),
         train_split="test[:512]",
         test_split="test[:256]",
     )
