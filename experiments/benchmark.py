@@ -17,8 +17,19 @@ Settings (``--settings``; extra rows for single models with ``--extra MODEL:SETT
 * ``batch``: stochastic depth, one gate per block and step, dropped branches not computed
   (``drop_mode="batch"``). PyTorch peer: the paper's ``if rand < drop: skip`` in Python.
 * modifiers appended with ``+``: ``+xla`` (stock XLA convolution, ``conv_impl="xla"``),
-  ``+fast`` (``conv_impl="fast"``), ``+scan`` (``scan_blocks=True``). E.g. ``constant+xla``.
-  Rows with modifiers are JAX-only; their PyTorch ratio uses the peer of the base setting.
+  ``+fast`` (``conv_impl="fast"``), ``+scan`` (``scan_blocks=True``), ``+dp`` (data-parallel:
+  the batch is sharded over all ``jax.devices()``, parameters replicated, as the trainer does;
+  on CPU the device count is ``--cpu_devices``). E.g. ``constant+scan+dp``. Rows with modifiers
+  are JAX-only; their PyTorch ratio uses the peer of the base setting. Ratios between settings
+  (batch / constant, row overhead) are taken within one modifier group, e.g. ``batch+scan+dp``
+  over ``constant+scan+dp``.
+
+CPU devices: ``--cpu_devices N`` (default: the number of CPU cores available to the process)
+splits the CPU backend into N devices before JAX initializes (``jax_num_cpu_devices``). Rows
+without ``+dp`` run on device 0 only, exactly as with one device; ``+dp`` rows use all of them.
+XLA:CPU runs many kernels (convolutions among them) on a single thread, so on a 2-core machine
+two data-parallel devices train about 25% faster than one. On GPU/TPU the flag has no effect on
+the timed devices.
 
 Randomness: the step key is ``fold_in(key(--seed, impl=--prng_impl), step_index)`` for step indices
 ``0 .. warmup + steps - 1``, identical for every model and setting, so batch-mode runs see the same
@@ -37,7 +48,7 @@ costs 3/4 of the others.
 
 Usage (from the repository root)::
 
-    python -m experiments.benchmark                 # full run, ~10-20 min on 2 cores
+    python -m experiments.benchmark                 # full run, ~20 min on 2 cores
     python -m experiments.benchmark --quick         # cifar_resnet20, batch 16, 3 steps (seconds)
     python -m experiments.benchmark --models cifar_resnet56 --settings constant,batch --no_torch
 
@@ -67,6 +78,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from experiments import common
 from sdjax import models, schedules
@@ -88,6 +101,20 @@ MODIFIERS = {
     "fast": {"conv_impl": "fast"},
     "scan": {"scan_blocks": True},
 }
+DATA_PARALLEL = "dp"  # the runtime modifier: shard the batch over all devices
+DEFAULT_EXTRA = (  # unrolled blocks and the stock XLA convolution, for comparison
+    "cifar_resnet56:constant",
+    "cifar_resnet56:constant+xla",
+    "cifar_resnet110:constant",
+)
+DEFAULT_SETTINGS = (
+    "constant+scan",
+    "row+scan",
+    "batch+scan",
+    "constant+scan+dp",
+    "row+scan+dp",
+    "batch+scan+dp",
+)
 CIFAR_CHANNELS = (16, 32, 64)
 NUM_CLASSES = 10
 LEARNING_RATE = 0.1
@@ -125,10 +152,20 @@ class Setting:
     name: str
     base: str
     overrides: dict[str, Any]
+    data_parallel: bool = False
+
+    @property
+    def variant(self) -> str:
+        """The modifiers of the name, e.g. ``"+scan+dp"`` (``""`` for a base setting)."""
+        return self.name[len(self.base) :]
 
 
 def parse_setting(name: str, final_drop_rate: float, drop_schedule: str) -> Setting:
-    """``"batch+scan"`` -> Setting(base="batch", overrides={...}); bad names -> ValueError."""
+    """``"batch+scan+dp"`` -> Setting(base="batch", overrides={...}, data_parallel=True).
+
+    Raises:
+      ValueError: an unknown base or modifier (the message lists the allowed ones).
+    """
     base, *mods = name.split("+")
     if base not in BASE_SETTINGS:
         raise ValueError(f"setting {name!r}: base must be one of {BASE_SETTINGS}, got {base!r}")
@@ -140,11 +177,16 @@ def parse_setting(name: str, final_drop_rate: float, drop_schedule: str) -> Sett
             "drop_schedule": drop_schedule,
             "drop_mode": base,
         }
+    data_parallel = False
     for mod in mods:
-        if mod not in MODIFIERS:
-            raise ValueError(f"setting {name!r}: modifier must be one of {sorted(MODIFIERS)}")
-        overrides.update(MODIFIERS[mod])
-    return Setting(name, base, overrides)
+        if mod == DATA_PARALLEL:
+            data_parallel = True
+        elif mod in MODIFIERS:
+            overrides.update(MODIFIERS[mod])
+        else:
+            allowed = sorted([*MODIFIERS, DATA_PARALLEL])
+            raise ValueError(f"setting {name!r}: modifier must be one of {allowed}, got {mod!r}")
+    return Setting(name, base, overrides, data_parallel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,18 +375,28 @@ def run_jax(
         params = variables["params"]
         return params, variables.get("batch_stats", {}), tx.init(params)
 
+    devices = jax.devices() if setting.data_parallel else jax.devices()[:1]
+    mesh = Mesh(np.asarray(devices), ("data",))
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    base_key = jax.device_put(base_key, replicated)
+
     start = time.perf_counter()
     if compile_only:
         state = jax.eval_shape(init_state, jax.ShapeDtypeStruct(images.shape, images.dtype))
     else:
-        state = jax.block_until_ready(jax.jit(init_state)(images))
+        state = jax.block_until_ready(jax.jit(init_state, out_shardings=replicated)(images))
     init_s = time.perf_counter() - start
 
-    step_fn = jax.jit(make_train_step(model, tx), donate_argnums=0)
+    step_fn = jax.jit(
+        make_train_step(model, tx),
+        in_shardings=(replicated, sharded, sharded, replicated, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
     images_in, labels_in = (
         (jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (images, labels))
         if compile_only
-        else (jnp.asarray(images), jnp.asarray(labels))
+        else (jax.device_put(images, sharded), jax.device_put(labels, sharded))
     )
     start = time.perf_counter()
     lowered = step_fn.lower(state, images_in, labels_in, base_key, jnp.int32(0))
@@ -360,6 +412,7 @@ def run_jax(
         "model_overrides": {k: str(v) for k, v in overrides.items()},
         "batch_size": wl.batch_size,
         "image_size": wl.image_size,
+        "devices": len(devices),
         "num_params": num_params,
         "init_s": init_s,
         "lower_s": lower_s,
@@ -466,17 +519,35 @@ def _ratio(a: dict | None, b: dict | None, key: str = "median_ms") -> float | No
     return a[key] / b[key]
 
 
+def _variant(setting_name: str) -> str:
+    """``"batch+scan+dp"`` -> ``"+scan+dp"``; ``"batch"`` -> ``""``."""
+    base, _, rest = setting_name.partition("+")
+    return f"+{rest}" if rest else ""
+
+
 def summarize_models(rows: list[dict]) -> list[dict[str, Any]]:
-    """Per model: ideal vs measured batch-mode ratios, row-mode overheads, JAX/PyTorch ratios."""
+    """Per model and modifier group (``variant``, e.g. ``"+scan+dp"``): ideal vs measured
+    batch-mode ratios, row-mode overheads and sdjax/PyTorch ratios.
+
+    A group is listed when it has at least two of its constant/row/batch rows or its constant
+    row (the PyTorch comparison); ratios whose rows are missing are None.
+    """
     out = []
-    for name in dict.fromkeys(row["model"] for row in rows):
-        jc, jr, jb = (_find(rows, "jax", name, s) for s in BASE_SETTINGS)
+    groups = dict.fromkeys(
+        (row["model"], _variant(row["setting"])) for row in rows if row["framework"] == "jax"
+    )
+    for name, variant in groups:
+        jc, jr, jb = (_find(rows, "jax", name, s + variant) for s in BASE_SETTINGS)
+        if jc is None and sum(r is not None for r in (jr, jb)) < 2:
+            continue
         tc, tr, tb = (_find(rows, "torch", name, s) for s in BASE_SETTINGS)
         rates = next((r["block_drop_rates"] for r in (jb, jr) if r and r["block_drop_rates"]), None)
         image_size = next(r["image_size"] for r in rows if r["model"] == name)
         ideal = ideal_ratios(name, image_size, rates) if rates else None
         entry = {
             "model": name,
+            "variant": variant,
+            "devices": (jc or jr or jb)["devices"],
             "ideal": ideal,
             "batch_over_constant_median": _ratio(jb, jc),
             "batch_over_constant_mean": _ratio(jb, jc, "mean_ms"),
@@ -486,7 +557,7 @@ def summarize_models(rows: list[dict]) -> list[dict[str, Any]]:
             "torch_row_overhead_median": None if _ratio(tr, tc) is None else _ratio(tr, tc) - 1,
             "torch_branches_run_fraction": (tb or {}).get("branches_run_fraction"),
             "jax_over_torch_median": {
-                s: _ratio(_find(rows, "jax", name, s), _find(rows, "torch", name, s))
+                s: _ratio(_find(rows, "jax", name, s + variant), _find(rows, "torch", name, s))
                 for s in BASE_SETTINGS
             },
         }
@@ -516,34 +587,31 @@ def evaluate_targets(
 
     for entry in summary:
         name = entry["model"]
+        group = f"{name}, {entry['variant'] or 'no modifier'}"
         if name == "cifar_resnet110":
             add(
-                "batch-mode SD step <= 0.80 x constant (ResNet-110)",
+                f"batch-mode SD step <= 0.80 x constant ({group})",
                 entry["batch_over_constant_median"],
                 TARGET_BATCH_RATIO,
                 "median batch-mode / median constant-depth step",
             )
         if name.startswith("cifar_resnet") and entry["row_overhead_median"] is not None:
             add(
-                f"row-mode overhead <= 5% ({name})",
+                f"row-mode overhead <= 5% ({group})",
                 entry["row_overhead_median"],
                 TARGET_ROW_OVERHEAD,
                 "median row-mode / median constant-depth step - 1",
             )
         add(
-            f"sdjax constant-depth step <= PyTorch eager ({name})",
+            f"sdjax constant-depth step <= PyTorch eager ({group})",
             entry["jax_over_torch_median"]["constant"],
             TARGET_TORCH_RATIO,
             "median sdjax / median PyTorch step, constant depth",
         )
     for name, limit in TARGET_COMPILE_S.items():
         if name == "cifar_resnet110":
-            candidates = [
-                r
-                for r in rows
-                if r["framework"] == "jax" and r["model"] == name and "+" not in r["setting"]
-            ]
-            what = "slowest lower+compile of the train step over the constant/row/batch rows"
+            candidates = [r for r in rows if r["framework"] == "jax" and r["model"] == name]
+            what = "slowest lower+compile of the train step over this model's rows"
         else:
             candidates = [r for r in compile_rows if r["model"] == name]
             what = "lower+compile of the train step, scan_blocks=True"
@@ -592,6 +660,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "setting",
         "batch",
         "input",
+        "devices",
         "compile s",
         "median ms",
         "mean ms",
@@ -612,6 +681,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 row["setting"],
                 row["batch_size"],
                 f"{row['image_size']}x{row['image_size']}x3",
+                row["devices"],
                 _fmt(row["lower_plus_compile_s"]),
                 _fmt(row["median_ms"]),
                 _fmt(row["mean_ms"]),
@@ -625,6 +695,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["## Stochastic depth: ideal vs measured", ""]
     headers = [
         "model",
+        "modifiers",
         "ideal batch/const (block MACs)",
         "ideal batch/const (step MACs)",
         "sdjax batch/const median",
@@ -643,6 +714,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         table.append(
             [
                 entry["model"],
+                entry["variant"] or "none",
                 _fmt(ideal.get("ideal_blocks"), ".3f"),
                 _fmt(ideal.get("ideal_step"), ".3f"),
                 _fmt(entry["batch_over_constant_median"], ".3f"),
@@ -717,13 +789,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--settings",
-        default=",".join(BASE_SETTINGS),
-        help="comma-separated settings for every model: constant|row|batch[+xla|+fast|+scan]",
+        default=None,
+        help="comma-separated settings for every model: constant|row|batch[+xla|+fast|+scan|+dp] "
+        f"(default: {','.join(DEFAULT_SETTINGS)}; --quick: {','.join(BASE_SETTINGS)})",
     )
     parser.add_argument(
         "--extra",
         default=None,
-        help="comma-separated MODEL:SETTING extra rows (default: cifar_resnet56:constant+xla; "
+        help="comma-separated MODEL:SETTING extra rows (default: "
+        f"{','.join(DEFAULT_EXTRA)}; "
         "--quick: none); models not in --models are skipped",
     )
     parser.add_argument(
@@ -754,13 +828,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="tiny run: cifar_resnet20, batch 16, 1 warm-up + 3 steps, nothing extra",
     )
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch column")
+    parser.add_argument(
+        "--cpu_devices",
+        type=int,
+        default=None,
+        help="split the CPU backend into this many devices for the +dp rows (default: the CPU "
+        "cores available to the process; no effect on GPU/TPU devices)",
+    )
     parser.add_argument("--out_dir", default=str(common.RESULTS_ROOT))
     args = parser.parse_args(argv)
 
     quick = args.quick
     defaults = {
         "models": "cifar_resnet20" if quick else "cifar_resnet56,cifar_resnet110,efficientnet_b0",
-        "extra": "" if quick else "cifar_resnet56:constant+xla",
+        "settings": ",".join(BASE_SETTINGS if quick else DEFAULT_SETTINGS),
+        "extra": "" if quick else ",".join(DEFAULT_EXTRA),
         "compile_only_models": "" if quick else "cifar_resnet1202",
         "batch_size": 16 if quick else 128,
         "steps": 3 if quick else 20,
@@ -771,16 +853,46 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.cpu_devices is None:
+        args.cpu_devices = available_cpus()
+    if args.cpu_devices < 1:
+        parser.error(f"--cpu_devices must be >= 1, got {args.cpu_devices}")
+    for setting in _csv(args.settings) + [e.partition(":")[2] for e in _csv(args.extra)]:
+        try:
+            parse_setting(setting, args.final_drop_rate, args.drop_schedule)
+        except ValueError as error:
+            parser.error(str(error))
     for name in _csv(args.models) + _csv(args.compile_only_models):
         if name not in models.names():
             parser.error(f"unknown model {name!r}; valid names: {', '.join(models.names())}")
     return args
 
 
+def available_cpus() -> int:
+    """CPU cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def configure_cpu_devices(count: int) -> int:
+    """Asks for ``count`` CPU devices (before JAX initializes); returns the devices in use.
+
+    When JAX is already initialized in this process (the benchmark imported and called from
+    Python) the existing devices are kept.
+    """
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        pass
+    return len(jax.devices())
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     loadavg_start = os.getloadavg()
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = available_cpus()
+    num_devices = configure_cpu_devices(args.cpu_devices)
     model_names = _csv(args.models)
     settings = [
         parse_setting(s, args.final_drop_rate, args.drop_schedule) for s in _csv(args.settings)
@@ -793,6 +905,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 (name, parse_setting(setting_name, args.final_drop_rate, args.drop_schedule))
             )
     plan.sort(key=lambda item: model_names.index(item[0]))  # keep a model's rows together
+    for name, setting in plan:
+        batch = workload(name, args).batch_size
+        if setting.data_parallel and batch % num_devices:
+            raise SystemExit(
+                f"error: {name} {setting.name}: batch size {batch} is not divisible by the "
+                f"{num_devices} devices of the data-parallel rows; change the batch size or "
+                "--cpu_devices"
+            )
 
     if args.no_torch:
         torch_status = "skipped (--no_torch)"

@@ -151,6 +151,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR), help="tfds data directory")
     parser.add_argument("--workdir_root", default=None, help="default workdirs/cifar10_short")
     parser.add_argument("--out", default=None, help="default experiments/results/cifar10_short")
+    parser.add_argument(
+        "--cpu_devices",
+        type=int,
+        default=0,
+        help="train.num_cpu_devices of the runs (0: JAX's default; 2 on a 2-core machine trains "
+        "about 25%% faster, data-parallel)",
+    )
     args = parser.parse_args(argv)
     args.train_split = "train"
     args.steps = -1
@@ -174,6 +181,7 @@ def main(argv=None) -> dict[str, Any]:
         "train.num_train_steps": args.steps,
         "train.eval_every_epochs": 1,
         "train.checkpoint_every_steps": 1000,
+        "train.num_cpu_devices": args.cpu_devices,
     }
     runs = []
     start = time.time()

@@ -5,6 +5,10 @@ the kernel) of single convolutions at CIFAR ResNet and EfficientNet shapes, at t
 level and inside a `lax.cond` (where XLA:CPU's convolution gradients are slowest).
 Each figure is the median wall time of >= 10 jitted calls after warm-up; the CPU
 time per call (all threads) is recorded too, since the machine may be shared.
+When PyTorch is importable (the ``bench`` extra), the same convolution in PyTorch
+eager (channels-last, oneDNN on CPU) is timed at top level in the same process, and
+the table gives the fast path's GFLOP/s and its time relative to PyTorch: the
+kernel-level gap behind the train-step ratio of `experiments/benchmark.py`.
 
     python -m experiments.conv_microbench            # writes experiments/results/conv_microbench.{json,md}
     python -m experiments.conv_microbench --quick    # smaller batch, fewer repeats (a smoke run)
@@ -26,9 +30,15 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from sdjax import conv
+
+try:  # the `bench` extra
+    import torch
+except ImportError:  # pragma: no cover - depends on the environment
+    torch = None
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
@@ -93,6 +103,54 @@ def _time(fn, args, repeats, warmup):
     }
 
 
+def _torch_fn(x, kernel, cotangent, stride, groups, pass_):
+    """The same convolution in PyTorch eager, channels-last (NHWC memory, oneDNN on CPU)."""
+    kh = kernel.shape[0]
+    # NCHW views of NHWC memory (channels-last), copied into PyTorch-owned (aligned) buffers.
+    tx = torch.from_numpy(np.array(x)).permute(0, 3, 1, 2).clone()
+    tk = (
+        torch.from_numpy(np.array(kernel))
+        .permute(3, 2, 0, 1)
+        .contiguous(memory_format=torch.channels_last)
+    )
+    tg = torch.from_numpy(np.array(cotangent)).permute(0, 3, 1, 2).clone()
+
+    def conv_fn(a, b):
+        return torch.nn.functional.conv2d(a, b, stride=stride, padding=kh // 2, groups=groups)
+
+    if pass_ == "fwd":
+        return lambda: conv_fn(tx, tk)  # grad mode, as in a training step's forward
+    tx_, tk_ = tx.clone().requires_grad_(), tk.clone().requires_grad_()
+
+    def run():
+        tx_.grad = tk_.grad = None
+        out = conv_fn(tx_, tk_)
+        out.backward(tg[:, :, : out.shape[2], : out.shape[3]])
+        return out
+
+    return run
+
+
+def _time_torch(fn, repeats, warmup):
+    for _ in range(warmup + 1):
+        fn()
+    walls = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        walls.append(time.perf_counter() - start)
+    return {"median_ms": 1e3 * statistics.median(walls), "min_ms": 1e3 * min(walls)}
+
+
+def _flops(x_shape, k_shape, stride, groups, pass_) -> float:
+    """Multiply-adds x 2 of the convolution (SAME padding); fwd+bwd counts 3 convolutions."""
+    n, h, w, _ = x_shape
+    kh, kw, cin_per_group, cout = k_shape
+    ho, wo = -(-h // stride), -(-w // stride)
+    fwd = 2.0 * n * ho * wo * cout * kh * kw * cin_per_group
+    return fwd if pass_ == "fwd" else 3.0 * fwd
+
+
 def _inputs(x_shape, k_shape, stride, groups, batch):
     x_shape = (batch or x_shape[0],) + tuple(x_shape[1:])
     kx, kk, kc = jax.random.split(jax.random.key(0), 3)
@@ -134,6 +192,7 @@ def run(args) -> dict:
             timing = _time(fn, call_args, args.repeats, args.warmup)
             row = dict(case=name, context=context, pass_=pass_, impl=label, **timing)
             row["x_shape"], row["kernel_shape"] = list(x.shape), list(kernel.shape)
+            row["gflops"] = _flops(x.shape, kernel.shape, stride, groups, pass_) / 1e9
             rows.append(row)
             print(
                 f"{name:28s} {context:4s} {pass_:7s} {label:26s} "
@@ -141,12 +200,20 @@ def run(args) -> dict:
                 f"compile {row['compile_s']:.2f} s",
                 flush=True,
             )
+        if torch is not None and context == "top" and not args.no_torch:
+            fn = _torch_fn(x, kernel, cotangent, stride, groups, pass_)
+            timing = _time_torch(fn, args.repeats, args.warmup)
+            rows.append(dict(case=name, context=context, pass_=pass_, impl="torch", **timing))
+            print(f"{name:28s} {context:4s} {pass_:7s} {'torch':26s} {timing['median_ms']:9.2f} ms")
     return {
         "command": "python -m experiments.conv_microbench " + " ".join(args.argv),
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
+        "torch": "not run"
+        if torch is None or args.no_torch
+        else (f"torch {torch.__version__}, {torch.get_num_threads()} threads"),
         "load_average_at_end": os.getloadavg(),
         "rows": rows,
     }
@@ -159,20 +226,30 @@ def to_markdown(result: dict) -> str:
         f"Command: `{result['command']}`  ",
         f"jax {result['jax_version']}, backend {result['backend']}, {result['cpu_count']} CPUs, "
         f"load average at end {tuple(round(v, 1) for v in result['load_average_at_end'])}.  ",
-        "Median wall ms per call (jitted, after warm-up); speedup = xla / fast.",
+        f"PyTorch: {result.get('torch', 'not run')}.  ",
+        "Median wall ms per call (jitted, after warm-up); speedup = xla / fast; fast GFLOP/s = "
+        "2 x multiply-adds (x3 for fwd+bwd) / fast ms; PyTorch: eager, channels-last (oneDNN), "
+        "top level only.",
         "",
-        "| case | context | pass | xla ms | fast ms | speedup |",
-        "|---|---|---|---:|---:|---:|",
+        "| case | context | pass | xla ms | fast ms | speedup | fast GFLOP/s | PyTorch ms "
+        "| fast / PyTorch |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     by_key = {}
     for row in result["rows"]:
         by_key.setdefault((row["case"], row["context"], row["pass_"]), {})[row["impl"]] = row
     for (case, context, pass_), impls in by_key.items():
         xla, fast = impls["xla"]["median_ms"], impls["fast"]["median_ms"]
+        gflops = impls["fast"].get("gflops")
+        rate = f"{gflops / fast * 1e3:.0f}" if gflops else "n/a"
+        peer = impls.get("torch")
+        peer_ms = f"{peer['median_ms']:.2f}" if peer else "n/a"
+        peer_ratio = f"{fast / peer['median_ms']:.2f}" if peer else "n/a"
         lines.append(
-            f"| {case} | {context} | {pass_} | {xla:.2f} | {fast:.2f} | {xla / fast:.1f}x |"
+            f"| {case} | {context} | {pass_} | {xla:.2f} | {fast:.2f} | {xla / fast:.1f}x "
+            f"| {rate} | {peer_ms} | {peer_ratio} |"
         )
-    extra = [r for r in result["rows"] if r["impl"] not in ("xla", "fast")]
+    extra = [r for r in result["rows"] if r["impl"] not in ("xla", "fast", "torch")]
     if extra:
         lines += ["", "Formulations of the k x k fast path (forward, dkernel, dx):", ""]
         lines += ["| case | context | pass | formulation | ms |", "|---|---|---|---|---:|"]
@@ -192,6 +269,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=None, help="override the batch size")
     parser.add_argument("--cases", nargs="*", default=None, help="substrings of case names")
+    parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch column")
     parser.add_argument("--out_dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
     args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]

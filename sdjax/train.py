@@ -66,6 +66,32 @@ class TrainState(train_state.TrainState):
     ema_params: Any = None
 
 
+def configure_cpu_devices(config: ml_collections.ConfigDict) -> None:
+    """Splits the CPU backend into ``config.train.num_cpu_devices`` devices (0: leave it alone).
+
+    Must run before JAX initializes its backends. If they are already initialized (e.g. an
+    earlier computation in this process) with the requested count, nothing happens.
+
+    Raises:
+      ValueError: the field is not an integer >= 0, or the CPU backend of this process is
+        already initialized with a different number of devices.
+    """
+    n = config.train.get("num_cpu_devices", 0)
+    config_utils.check_num_cpu_devices(n)
+    if n == 0:
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        current = len(jax.devices("cpu"))
+        if current != n:
+            raise ValueError(
+                f"train.num_cpu_devices={n}: the CPU backend of this process is already "
+                f"initialized with {current} device(s); set the field in a fresh process (as "
+                "`python -m sdjax.main` does) or use 0 to keep the current devices."
+            ) from None
+
+
 def maybe_initialize_distributed(config: ml_collections.ConfigDict) -> None:
     """Calls ``jax.distributed.initialize`` when ``config.train.distributed`` (multi-host).
 
@@ -310,6 +336,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpoint (before anything is compiled).
       FloatingPointError: a NaN/inf training loss (the last good checkpoint is kept).
     """
+    configure_cpu_devices(config)
     maybe_initialize_distributed(config)
     config_utils.validate(config, workdir)
     data = data_lib.create(config.input)

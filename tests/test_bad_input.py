@@ -115,6 +115,7 @@ def assert_rejected(config, tmp_path, previous_run, *patterns: str) -> str:
         ("model.drop_mode", "rows", ["drop_mode", "'rows'", "'row'", "'batch'"]),
         ("optim.lr_schedule", "cosin", ["lr_schedule", "'cosin'", "cosine", "step"]),
         ("prng_impl", "philox", ["prng_impl", "'philox'", "threefry2x32", "rbg"]),
+        ("train.num_cpu_devices", -1, ["train.num_cpu_devices", "-1", "integer >= 0"]),
     ],
 )
 def test_bad_names_and_rates(field, value, patterns, tmp_path, previous_run, no_compile):
@@ -222,6 +223,14 @@ DIVISIBILITY_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
+def test_num_cpu_devices_after_jax_started_with_other_devices(tmp_path, previous_run, no_compile):
+    config = tiny_config()
+    config.train.num_cpu_devices = len(jax.devices("cpu")) + 1  # JAX is running in this process
+    assert_rejected(
+        config, tmp_path, previous_run, "train.num_cpu_devices", "already initialized", "fresh"
+    )
+
+
 def test_batch_size_not_divisible_by_the_devices(tmp_path):
     proc = _child(DIVISIBILITY_SCRIPT, str(tmp_path / "w"), devices=8)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

@@ -49,7 +49,16 @@ def test_parse_setting_rejects_unknown_names():
     }
     with pytest.raises(ValueError, match="base must be one of"):
         benchmark.parse_setting("sometimes", 0.5, "linear")
-    with pytest.raises(ValueError, match="modifier must be one of"):
+    assert not setting.data_parallel and setting.variant == "+scan"
+    setting = benchmark.parse_setting("row+scan+dp", 0.3, "uniform")
+    assert setting.data_parallel and setting.variant == "+scan+dp"
+    assert setting.overrides == {
+        "final_drop_rate": 0.3,
+        "drop_schedule": "uniform",
+        "drop_mode": "row",
+        "scan_blocks": True,
+    }
+    with pytest.raises(ValueError, match="modifier must be one of.*'dp'"):
         benchmark.parse_setting("constant+turbo", 0.5, "linear")
 
 
@@ -60,7 +69,9 @@ def test_quick_run_writes_json_and_markdown(tmp_path, repo_root):
         "experiments.benchmark",
         "--quick",
         "--settings",
-        "constant,batch",
+        "constant,batch,constant+dp",
+        "--cpu_devices",
+        "2",
         "--warmup",
         "1",
         "--steps",
@@ -94,9 +105,10 @@ def test_quick_run_writes_json_and_markdown(tmp_path, repo_root):
     assert prov["machine"]["cpu_count"] >= 1 and prov["machine"]["jax_backend"]
 
     jax_rows = [row for row in report["rows"] if row["framework"] == "jax"]
-    assert [(r["model"], r["setting"]) for r in jax_rows] == [
-        ("cifar_resnet20", "constant"),
-        ("cifar_resnet20", "batch"),
+    assert [(r["model"], r["setting"], r["devices"]) for r in jax_rows] == [
+        ("cifar_resnet20", "constant", 1),
+        ("cifar_resnet20", "batch", 1),
+        ("cifar_resnet20", "constant+dp", 2),
     ]
     for row in jax_rows:
         assert row["batch_size"] == 16 and row["image_size"] == 32
@@ -104,7 +116,9 @@ def test_quick_run_writes_json_and_markdown(tmp_path, repo_root):
         assert len(row["step_ms"]) == 1 and len(row["warmup_ms"]) == 1
     assert len(jax_rows[1]["block_drop_rates"]) == 9
 
-    (summary,) = report["summary"]
+    summary, summary_dp = report["summary"]
+    assert (summary["variant"], summary_dp["variant"]) == ("", "+dp")
+    assert summary_dp["batch_over_constant_median"] is None  # no batch+dp row in this run
     assert summary["ideal"]["ideal_blocks"] == pytest.approx(
         benchmark.ideal_ratios("cifar_resnet20", 32, jax_rows[1]["block_drop_rates"])[
             "ideal_blocks"
@@ -117,6 +131,9 @@ def test_quick_run_writes_json_and_markdown(tmp_path, repo_root):
         assert report["torch_status"].startswith("torch ")
         assert [r["setting"] for r in torch_rows] == ["constant", "batch"]
         assert summary["jax_over_torch_median"]["constant"] > 0
+        assert summary_dp["jax_over_torch_median"]["constant"] == pytest.approx(
+            jax_rows[2]["median_ms"] / torch_rows[0]["median_ms"]
+        )
         assert 0.0 <= torch_rows[1]["branches_run_fraction"] <= 1.0
     else:
         assert report["torch_status"].startswith("skipped (torch not importable")
@@ -124,6 +141,7 @@ def test_quick_run_writes_json_and_markdown(tmp_path, repo_root):
 
     markdown = (tmp_path / "benchmark.md").read_text()
     assert f"`{prov['command']}`" in markdown
-    assert "| model | setting | batch | input | compile s | median ms |" in markdown
-    assert "| cifar_resnet20 | batch | 16 | 32x32x3 |" in markdown
+    assert "| model | setting | batch | input | devices | compile s | median ms |" in markdown
+    assert "| cifar_resnet20 | batch | 16 | 32x32x3 | 1 |" in markdown
+    assert "| cifar_resnet20 | constant+dp | 16 | 32x32x3 | 2 |" in markdown
     assert "## Targets (issue 5)" in markdown

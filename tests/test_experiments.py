@@ -185,3 +185,31 @@ def test_dropout_mlp_data_and_summary():
     assert rows[0]["final_test_mse"] == (0.4, 0.0)
     assert rows[0]["best_test_mse"] == (0.3, 0.0) and rows[0]["best_test_step_median"] == 10
     assert rows[1]["best_test_step_median"] == 20
+
+
+def test_conv_microbench_flops_and_smoke_run(tmp_path):
+    """The FLOP count is the textbook one; a tiny run writes rows for both implementations in
+    both contexts, and (when PyTorch is installed) a top-level-only PyTorch peer column."""
+    from experiments import conv_microbench  # noqa: PLC0415
+
+    fwd = conv_microbench._flops((128, 32, 32, 16), (3, 3, 16, 32), 2, 1, "fwd")
+    assert fwd == 2 * 128 * 16 * 16 * 32 * 9 * 16
+    assert conv_microbench._flops((128, 32, 32, 16), (3, 3, 16, 32), 2, 1, "fwd+bwd") == 3 * fwd
+    depthwise = conv_microbench._flops((8, 16, 16, 96), (3, 3, 1, 96), 1, 96, "fwd")
+    assert depthwise == 2 * 8 * 16 * 16 * 96 * 9
+
+    conv_microbench.main(
+        ["--quick", "--batch", "4", "--cases", "64->64", "--out_dir", str(tmp_path)]
+    )
+    result = json.loads((tmp_path / "conv_microbench.json").read_text())
+    keys = {(r["context"], r["pass_"], r["impl"]) for r in result["rows"]}
+    for context in ("top", "cond"):
+        for pass_ in ("fwd", "fwd+bwd"):
+            assert {(context, pass_, "xla"), (context, pass_, "fast")} <= keys
+    torch_keys = {k for k in keys if k[2] == "torch"}
+    markdown = (tmp_path / "conv_microbench.md").read_text()
+    assert "| fast GFLOP/s | PyTorch ms | fast / PyTorch |" in markdown
+    if conv_microbench.torch is not None:
+        assert torch_keys == {("top", "fwd", "torch"), ("top", "fwd+bwd", "torch")}
+    else:
+        assert not torch_keys and "PyTorch: not run" in markdown

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--config.model.name=cifar_resnet20",
@@ -93,3 +95,36 @@ def test_sweep_commands_and_aggregate(tmp_path):
     table = open(tmp_path / "results.md").read()
     assert "model.final_drop_rate" in table and "seed" in table
     assert (tmp_path / "results.csv").exists() and (tmp_path / "results.png").stat().st_size > 0
+
+
+def test_cli_num_cpu_devices_trains_data_parallel_with_the_same_losses(tmp_path):
+    """train.num_cpu_devices=2 splits the CPU into two devices (a fresh process) and shards the
+    batch over them; at drop rate 0 the losses equal the one-device run up to float order."""
+    losses = {}
+    for devices in (1, 2):
+        workdir = tmp_path / f"dev{devices}"
+        proc = _main(
+            "--config=configs/digits_sd.py:steps=4,final_drop_rate=0",
+            f"--workdir={workdir}",
+            *TINY,
+            f"--config.train.num_cpu_devices={devices}",
+            "--config.train.log_every_steps=1",
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results = json.load(open(workdir / "results.json"))
+        assert results["devices"]["device_count"] == devices
+        assert results["config"]["train"]["num_cpu_devices"] == devices
+        rows = [json.loads(x) for x in open(workdir / "metrics.jsonl")]
+        losses[devices] = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert len(losses[1]) == 4
+    assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_cli_bad_num_cpu_devices_fails_before_jax_starts(tmp_path):
+    workdir = tmp_path / "bad"
+    proc = _main(
+        "--config=configs/digits_sd.py", f"--workdir={workdir}", "--config.train.num_cpu_devices=-2"
+    )
+    assert proc.returncode == 1
+    assert "config.train.num_cpu_devices=-2" in proc.stderr and "integer >= 0" in proc.stderr
+    assert not workdir.exists()
