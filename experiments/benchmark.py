@@ -26,10 +26,11 @@ Settings (``--settings``; extra rows for single models with ``--extra MODEL:SETT
 
 CPU devices: ``--cpu_devices N`` (default: the number of CPU cores available to the process)
 splits the CPU backend into N devices before JAX initializes (``jax_num_cpu_devices``). Rows
-without ``+dp`` run on device 0 only, exactly as with one device; ``+dp`` rows use all of them.
-XLA:CPU runs many kernels (convolutions among them) on a single thread, so on a 2-core machine
-two data-parallel devices train about 25% faster than one. On GPU/TPU the flag has no effect on
-the timed devices.
+without ``+dp`` run on device 0 only; ``+dp`` rows use all of them. Caveat, measured: in a
+process with N > 1 CPU devices XLA:CPU runs a single-device step slower than in a one-device
+process (ResNet-56, scanned, 2 cores: 2.2 s vs 1.7 s), so for one-device figures use
+``--cpu_devices 1`` (the ``+dp`` rows then equal their plain ones). On GPU/TPU the flag has no
+effect on the timed devices.
 
 Randomness: the step key is ``fold_in(key(--seed, impl=--prng_impl), step_index)`` for step indices
 ``0 .. warmup + steps - 1``, identical for every model and setting, so batch-mode runs see the same
@@ -655,6 +656,14 @@ def render_markdown(report: dict[str, Any]) -> str:
         "## Step times",
         "",
     ]
+    num_devices = max((r.get("devices", 1) for r in rows), default=1)
+    if num_devices > 1:
+        lines += [
+            f"This process had {num_devices} devices. Rows without `+dp` ran on one of them; on "
+            "XLA:CPU they are slower than the same rows in a one-device process (see the "
+            "`--cpu_devices` caveat in the script's docstring).",
+            "",
+        ]
     headers = [
         "model",
         "setting",
@@ -706,6 +715,8 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     table = []
     for entry in summary:
+        if entry["batch_over_constant_median"] is None and entry["row_overhead_median"] is None:
+            continue  # a group without stochastic-depth rows (e.g. one extra constant row)
         ideal = entry["ideal"] or {}
 
         def pct(v):

@@ -118,6 +118,17 @@ def test_cli_num_cpu_devices_trains_data_parallel_with_the_same_losses(tmp_path)
         losses[devices] = [r["train_loss"] for r in rows if "train_loss" in r]
     assert len(losses[1]) == 4
     assert losses[2] == pytest.approx(losses[1], rel=1e-4)
+    # A checkpoint written on one device resumes on two (parameters are replicated).
+    proc = _main(
+        "--config=configs/digits_sd.py:steps=6,final_drop_rate=0",
+        f"--workdir={tmp_path / 'dev1'}",
+        *TINY,
+        "--config.train.num_cpu_devices=2",
+        "--config.train.log_every_steps=1",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.load(open(tmp_path / "dev1" / "results.json"))
+    assert results["steps"] == 6 and results["devices"]["device_count"] == 2
 
 
 def test_cli_bad_num_cpu_devices_fails_before_jax_starts(tmp_path):
