@@ -83,7 +83,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments import common
-from sdjax import models, schedules
+from sdjax import models, schedules, train
 
 try:  # the `bench` extra
     import torch
@@ -886,24 +886,13 @@ def available_cpus() -> int:
     return os.cpu_count() or 1
 
 
-def configure_cpu_devices(count: int) -> int:
-    """Asks for ``count`` CPU devices (before JAX initializes); returns the devices in use.
-
-    When JAX is already initialized in this process (the benchmark imported and called from
-    Python) the existing devices are kept.
-    """
-    try:
-        jax.config.update("jax_num_cpu_devices", count)
-    except RuntimeError:
-        pass
-    return len(jax.devices())
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     loadavg_start = os.getloadavg()
     cpus = available_cpus()
-    num_devices = configure_cpu_devices(args.cpu_devices)
+    # Called from Python after JAX started (e.g. by a test), the existing devices are kept.
+    train.request_cpu_devices(args.cpu_devices)
+    num_devices = len(jax.devices())
     model_names = _csv(args.models)
     settings = [
         parse_setting(s, args.final_drop_rate, args.drop_schedule) for s in _csv(args.settings)

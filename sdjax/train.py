@@ -66,6 +66,20 @@ class TrainState(train_state.TrainState):
     ema_params: Any = None
 
 
+def request_cpu_devices(count: int) -> bool:
+    """Asks JAX to split its CPU backend into ``count`` devices (``jax_num_cpu_devices``).
+
+    Returns False, changing nothing, when JAX has already initialized its backends with another
+    count (the setting only takes effect before that); touches no device itself, so it may run
+    before ``jax.distributed.initialize``.
+    """
+    try:
+        jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:
+        return False
+    return True
+
+
 def configure_cpu_devices(config: ml_collections.ConfigDict) -> None:
     """Splits the CPU backend into ``config.train.num_cpu_devices`` devices (0: leave it alone).
 
@@ -80,9 +94,7 @@ def configure_cpu_devices(config: ml_collections.ConfigDict) -> None:
     config_utils.check_num_cpu_devices(n)
     if n == 0:
         return
-    try:
-        jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError:
+    if not request_cpu_devices(n):
         current = len(jax.devices("cpu"))
         if current != n:
             raise ValueError(

@@ -226,15 +226,8 @@ def _finish(proc: subprocess.Popen, timeout: int = 600) -> str:
     return out
 
 
-def _losses(workdir: pathlib.Path) -> np.ndarray:
-    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "train_loss" in r]
-    assert [r["step"] for r in train] == list(range(1, NUM_STEPS + 1))
-    return np.array([r["train_loss"] for r in train])
-
-
 @pytest.mark.slow
-def test_one_device_and_eight_devices_give_the_same_losses_over_20_steps(tmp_path):
+def test_one_device_and_eight_devices_give_the_same_losses_over_20_steps(tmp_path, train_losses):
     # All three children run at once (2 cores); they are killed if anything fails.
     procs = [
         _run_child(["-c", TRAIN_SCRIPT, str(tmp_path / "dev1"), "1"], 1),
@@ -252,7 +245,7 @@ def test_one_device_and_eight_devices_give_the_same_losses_over_20_steps(tmp_pat
     one, eight = tmp_path / "dev1", tmp_path / "dev8"
     assert json.loads((eight / "results.json").read_text())["devices"]["device_count"] == 8
     assert json.loads((one / "results.json").read_text())["devices"]["device_count"] == 1
-    loss_one, loss_eight = _losses(one), _losses(eight)
+    loss_one, loss_eight = train_losses(one, NUM_STEPS), train_losses(eight, NUM_STEPS)
     assert np.all(np.isfinite(loss_one))
     np.testing.assert_allclose(loss_eight, loss_one, rtol=2e-5, atol=1e-6)
     acc = [json.loads((d / "results.json").read_text())["test_accuracy"] for d in (one, eight)]

@@ -152,15 +152,8 @@ def _wait_all(procs: list[subprocess.Popen]) -> None:
             p.log.close()
 
 
-def _losses(workdir: pathlib.Path) -> np.ndarray:
-    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in records if "train_loss" in r]
-    assert [r["step"] for r in train] == list(range(1, NUM_STEPS + 1))
-    return np.array([r["train_loss"] for r in train])
-
-
 @pytest.mark.slow
-def test_two_hosts_match_one_host_and_each_reads_only_its_shard(tmp_path):
+def test_two_hosts_match_one_host_and_each_reads_only_its_shard(tmp_path, train_losses):
     one, two = tmp_path / "one_host", tmp_path / "two_hosts"
     one.mkdir()
     two.mkdir()
@@ -174,7 +167,10 @@ def test_two_hosts_match_one_host_and_each_reads_only_its_shard(tmp_path):
 
     # Same losses, accuracy and parameters; both hosts hold the same replica.
     np.testing.assert_allclose(
-        _losses(two / "workdir"), _losses(one / "workdir"), rtol=2e-4, atol=1e-5
+        train_losses(two / "workdir", NUM_STEPS),
+        train_losses(one / "workdir", NUM_STEPS),
+        rtol=2e-4,
+        atol=1e-5,
     )
     reference = np.load(one / "params_0.npz")
     host0, host1 = np.load(two / "params_0.npz"), np.load(two / "params_1.npz")
