@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from sdjax import conv
+from sdjax import conv, host_malloc
 
 try:  # the `bench` extra
     import torch
@@ -270,8 +270,16 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=None, help="override the batch size")
     parser.add_argument("--cases", nargs="*", default=None, help="substrings of case names")
     parser.add_argument("--no_torch", action="store_true", help="skip the PyTorch column")
+    parser.add_argument(
+        "--host_malloc",
+        choices=host_malloc.MODES,
+        default="auto",
+        help="host allocator setting (sdjax.host_malloc; default auto: buffers reused across "
+        "calls on CPU, as the trainer does; system: glibc's defaults)",
+    )
     parser.add_argument("--out_dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
+    args.host_malloc_applied = host_malloc.configure(args.host_malloc)
     args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
     if args.quick:
         args.batch = args.batch or 32

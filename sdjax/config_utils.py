@@ -19,6 +19,8 @@ from typing import Any
 
 import ml_collections
 
+from sdjax import host_malloc
+
 __all__ = [
     "ALIASES",
     "LR_SCHEDULES",
@@ -81,6 +83,10 @@ def default_config() -> ml_collections.ConfigDict:
         devices train a CIFAR ResNet 17-28% faster (XLA:CPU runs many kernels on one thread;
         each device gets its own). Only the CPU backend is affected: on GPU/TPU the accelerators
         are the devices. The batch sizes must be divisible by the resulting device count.
+      train.host_malloc: ``"auto"`` (default: on CPU, glibc keeps freed memory so that XLA:CPU
+        reuses the same pages every step instead of page-faulting fresh ones; -26% step time
+        for a CIFAR ResNet-56 here, see `sdjax.host_malloc`), ``"reuse"`` (always) or
+        ``"system"`` (leave the allocator alone). Applied before JAX starts its backend.
     """
     c = ml_collections.ConfigDict()
     c.seed = 0
@@ -153,6 +159,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.process_id = ml_collections.config_dict.placeholder(int)
     c.train.progress_bar = True
     c.train.num_cpu_devices = 0
+    c.train.host_malloc = "auto"
     return c
 
 
@@ -295,6 +302,12 @@ def check_num_cpu_devices(value: Any) -> None:
         _fail("train.num_cpu_devices", value, "an integer >= 0 (0: JAX's default device count)")
 
 
+def check_host_malloc(value: Any) -> None:
+    """Raises ValueError unless ``value`` (``train.host_malloc``) is one of `host_malloc.MODES`."""
+    if not isinstance(value, str) or value not in host_malloc.MODES:
+        _fail("train.host_malloc", value, f"one of {', '.join(host_malloc.MODES)}")
+
+
 def validate_workdir(workdir: str) -> None:
     """Checks that ``workdir`` exists or can be created, and is writable.
 
@@ -383,6 +396,7 @@ def validate(
     _check_number(config, "train.num_epochs", low=0, low_open=True)
     _check_number(config, "train.num_train_steps", low=-1, integer=True)
     check_num_cpu_devices(config.train.get("num_cpu_devices", 0))
+    check_host_malloc(config.train.get("host_malloc", "auto"))
     if config.train.num_train_steps == 0:
         _fail("train.num_train_steps", 0, "-1 (use num_epochs) or a positive integer")
 

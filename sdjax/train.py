@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 import sdjax
 from sdjax import checkpoint as checkpoint_lib
-from sdjax import config_utils, models, optim
+from sdjax import config_utils, host_malloc, models, optim
 from sdjax import data as data_lib
 from sdjax.data import augment
 
@@ -78,6 +78,20 @@ def request_cpu_devices(count: int) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def configure_host_malloc(config: ml_collections.ConfigDict) -> bool:
+    """Applies ``config.train.host_malloc`` (`sdjax.host_malloc.configure`) to this process.
+
+    Runs first in `train_and_evaluate`, before JAX starts its backend threads (they choose their
+    malloc arena on their first allocation). Returns whether the allocator settings were applied.
+
+    Raises:
+      ValueError: the field is not one of `sdjax.host_malloc.MODES`.
+    """
+    mode = config.train.get("host_malloc", "auto")
+    config_utils.check_host_malloc(mode)
+    return host_malloc.configure(mode)
 
 
 def configure_cpu_devices(config: ml_collections.ConfigDict) -> None:
@@ -348,6 +362,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         checkpoint (before anything is compiled).
       FloatingPointError: a NaN/inf training loss (the last good checkpoint is kept).
     """
+    malloc_applied = configure_host_malloc(config)
     configure_cpu_devices(config)
     maybe_initialize_distributed(config)
     config_utils.validate(config, workdir)
@@ -532,6 +547,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         "config": config.to_dict(),
         "versions": _versions(),
         "devices": _device_info(),
+        "host_malloc_applied": malloc_applied,
         "command": " ".join(sys.argv),
     }
     if is_main:

@@ -116,6 +116,7 @@ def assert_rejected(config, tmp_path, previous_run, *patterns: str) -> str:
         ("optim.lr_schedule", "cosin", ["lr_schedule", "'cosin'", "cosine", "step"]),
         ("prng_impl", "philox", ["prng_impl", "'philox'", "threefry2x32", "rbg"]),
         ("train.num_cpu_devices", -1, ["train.num_cpu_devices", "-1", "integer >= 0"]),
+        ("train.host_malloc", "fast", ["train.host_malloc", "'fast'", "auto", "reuse", "system"]),
     ],
 )
 def test_bad_names_and_rates(field, value, patterns, tmp_path, previous_run, no_compile):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -114,6 +115,10 @@ def test_quick_run_writes_json_and_markdown(tmp_path, repo_root):
         assert row["batch_size"] == 16 and row["image_size"] == 32
         assert row["lower_plus_compile_s"] > 0 and row["median_ms"] > 0
         assert len(row["step_ms"]) == 1 and len(row["warmup_ms"]) == 1
+        assert row["page_faults_per_step"] >= 0 and row["system_cpu_ms_per_step"] >= 0
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert report["machine_extra"]["host_malloc_applied"] is glibc  # --host_malloc auto, on CPU
+    assert report["config"]["host_malloc"] == "auto"
     assert len(jax_rows[1]["block_drop_rates"]) == 9
 
     summary, summary_dp = report["summary"]
