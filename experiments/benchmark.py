@@ -27,8 +27,9 @@ Settings (``--settings``; extra rows for single models with ``--extra MODEL:SETT
 CPU devices: ``--cpu_devices N`` (default: the number of CPU cores available to the process)
 splits the CPU backend into N devices before JAX initializes (``jax_num_cpu_devices``). Rows
 without ``+dp`` run on device 0 only; ``+dp`` rows use all of them. Caveat, measured: in a
-process with N > 1 CPU devices XLA:CPU runs a single-device step slower than in a one-device
-process (ResNet-56, scanned, 2 cores: 2.2 s vs 1.7 s), so for one-device figures use
+process with N > 1 CPU devices XLA:CPU ran a single-device step slower than in a one-device
+process (ResNet-56, scanned, 2 cores: 2.2 s vs 1.7 s, with ``--host_malloc system``; within
+run-to-run noise with the default ``auto``), so for one-device figures use
 ``--cpu_devices 1`` (the ``+dp`` rows then equal their plain ones). On GPU/TPU the flag has no
 effect on the timed devices.
 
@@ -690,7 +691,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     if num_devices > 1:
         lines += [
             f"This process had {num_devices} devices. Rows without `+dp` ran on one of them; on "
-            "XLA:CPU they are slower than the same rows in a one-device process (see the "
+            "XLA:CPU they may be slower than the same rows in a one-device process (see the "
             "`--cpu_devices` caveat in the script's docstring).",
             "",
         ]

@@ -9,14 +9,18 @@ Measured here (2 CPU cores): a ResNet-56 train step faulted 121k pages (its whol
 buffer) and spent ~250 ms of system time per step on it; with ``"reuse"`` it faults none after
 the first steps and the system time is ~10 ms.
 
-``configure("reuse")`` calls glibc's ``mallopt`` so that large blocks come from one heap and
-stay there after ``free`` (``M_ARENA_MAX=1``, ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` of
-1 GiB): the next step reuses the same, already mapped, memory. The cost is that the process
-keeps its peak heap mapped (as PyTorch's caching allocators do); blocks above 1 GiB are still
-mapped and unmapped each time. It affects the whole process and works best before JAX
-initializes its backend (XLA's threads pick their malloc arena when they first allocate); it
-is what ``python -m sdjax.main`` does by default on CPU (``train.host_malloc``), and what a
-user of the layers can call at the top of their own script. No randomness is involved.
+``configure("reuse")`` calls glibc's ``mallopt`` so that every block comes from one heap and
+stays there after ``free``: ``M_ARENA_MAX=1`` (one arena for all threads), ``M_MMAP_MAX=0``
+(never ``mmap`` a block; a request that a thread's arena cannot hold is retried in the main heap)
+and ``M_TRIM_THRESHOLD=-1`` (never give the top of the heap back). The next step reuses the
+same, already mapped, memory. The costs: the process keeps its peak heap mapped (as PyTorch's
+caching allocators do), which may grow to a few times one step's buffers while the heap settles
+over the first steps (a block finds no hole yet while JAX frees the previous step's buffers
+asynchronously), and all threads share one malloc arena. It affects the whole process and
+works best before JAX initializes its backend (XLA's threads pick their malloc arena when they
+first allocate); it is what ``python -m sdjax.main`` does by default on CPU
+(``train.host_malloc``), and what a user of the layers can call at the top of their own script.
+No randomness is involved.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ MODES = ("auto", "reuse", "system")
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
-_INT_MAX = 2**31 - 1
+_NEVER = -1  # M_TRIM_THRESHOLD = -1: never give the top of the heap back (mallopt(3))
 
 _ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin", "libtpu")
 
@@ -99,7 +103,7 @@ def configure(mode: str = "auto") -> bool:
     for param, value in (
         (_M_ARENA_MAX, 1),
         (_M_MMAP_MAX, 0),
-        (_M_TRIM_THRESHOLD, _INT_MAX),
+        (_M_TRIM_THRESHOLD, _NEVER),
     ):
         ok = bool(libc.mallopt(param, value)) and ok
     return ok
