@@ -215,6 +215,7 @@ def run(args) -> dict:
         if torch is None or args.no_torch
         else (f"torch {torch.__version__}, {torch.get_num_threads()} threads"),
         "load_average_at_end": os.getloadavg(),
+        "host_malloc_applied": args.host_malloc_applied,
         "rows": rows,
     }
 

@@ -26,6 +26,7 @@ No randomness is involved.
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
 import platform
 import sys
@@ -64,8 +65,6 @@ def _runs_on_cpu() -> bool:
     True when ``JAX_PLATFORMS`` / ``jax_platforms`` names ``cpu`` first, or when it is unset
     and no GPU/TPU plugin is installed.
     """
-    import importlib.util
-
     platforms = os.environ.get("JAX_PLATFORMS", "")
     if "jax" in sys.modules:
         platforms = sys.modules["jax"].config.jax_platforms or platforms

@@ -10,6 +10,9 @@ import pytest
 
 from sdjax import host_malloc
 
+# Where glibc's mallopt exists (elsewhere "reuse" is a no-op that returns False).
+GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+
 # A fresh process (the allocator settings are process-wide and best applied before JAX starts):
 # a jitted op whose 64 MB output is allocated and freed on every call, above glibc's default
 # mmap threshold. Prints the median minor page faults per call after warm-up.
@@ -47,7 +50,7 @@ def _faults_per_call(mode: str) -> dict:
 
 
 @pytest.mark.skipif(
-    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    not GLIBC,
     reason="the mallopt settings exist on Linux with glibc only (elsewhere 'reuse' is a no-op)",
 )
 def test_reuse_stops_the_per_call_page_faults():
@@ -85,5 +88,4 @@ def test_auto_follows_the_platform(platforms, on_cpu):
         env={"JAX_PLATFORMS": platforms, "PATH": "/usr/bin:/bin", "HOME": "/tmp"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-    assert proc.stdout.split() == [str(on_cpu), str(on_cpu and glibc)]
+    assert proc.stdout.split() == [str(on_cpu), str(on_cpu and GLIBC)]
