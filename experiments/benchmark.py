@@ -55,6 +55,13 @@ proportional to forward cost and ignoring elementwise work and the optimizer upd
 ResNets the blocks of a stage have equal cost and the first block of stages 2 and 3 (stride 2)
 costs 3/4 of the others.
 
+Realized kept compute: the same MAC-weighted fraction for the gates the timed steps actually drew
+(sdjax: recomputed from each step key with `sdjax.models.batch_gates`, no forward pass; PyTorch:
+how often each block ran), averaged over the timed steps. With 10-20 steps it can be several
+points from the ideal (ResNet-110: about 3 blocks' worth of standard deviation per step), which
+moves the batch/constant ratio by as much; compare the measured ratio with it to tell gate luck
+from overhead.
+
 Usage (from the repository root)::
 
     python -m experiments.benchmark                 # full run, ~20 min on 2 cores
@@ -308,6 +315,29 @@ def ideal_ratios(name: str, image_size: int, rates: Sequence[float]) -> dict[str
     }
 
 
+def kept_block_compute(name: str, image_size: int, kept: Sequence[float]) -> float | None:
+    """MAC-weighted fraction of the block compute kept, for per-block kept fractions ``kept``
+    (1/0 gates of one step, or the fraction of steps each block ran); blocks that cannot be
+    dropped count as kept. The realized counterpart of ``ideal_ratios(...)["ideal_blocks"]``."""
+    compute = block_compute(name, image_size)
+    if compute is None or len(compute[0]) != len(kept):
+        return None
+    block_macs, droppable, _ = compute
+    return sum(
+        w * (k if d else 1.0) for w, k, d in zip(block_macs, kept, droppable, strict=True)
+    ) / sum(block_macs)
+
+
+def _torch_kept_block_compute(name: str, image_size: int, row: dict | None) -> float | None:
+    """``kept_block_compute`` of a PyTorch batch-mode row (its per-droppable-block run counts)."""
+    per_droppable = (row or {}).get("branches_run_per_block")
+    compute = block_compute(name, image_size)
+    if not per_droppable or compute is None or sum(compute[1]) != len(per_droppable):
+        return None
+    it = iter(per_droppable)
+    return kept_block_compute(name, image_size, [next(it) if d else 1.0 for d in compute[1]])
+
+
 # ---------------------------------------------------------------------------------------------
 # JAX.
 # ---------------------------------------------------------------------------------------------
@@ -451,6 +481,19 @@ def run_jax(
     row["system_cpu_ms_per_step"] = 1e3 * statistics.median(system_s[args.warmup :])
     row["warmup_ms"] = [1e3 * t for t in times[: args.warmup]]
     row["final_loss"] = float(loss)
+    if setting.base == "batch":
+        # The gates the timed steps drew (recomputed from their keys, no forward pass): batch-mode
+        # step times vary with them, so the report sets the realized kept compute beside the
+        # expected one.
+        gates_of = jax.jit(lambda key: models.batch_gates(model, key))
+        gates = [
+            np.asarray(gates_of(jax.random.fold_in(base_key, step_index)))
+            for step_index in range(args.warmup, args.warmup + args.steps)
+        ]
+        row["blocks_run_per_step"] = [int(g.sum()) for g in gates]
+        row["kept_block_compute_per_step"] = [
+            kept_block_compute(name, wl.image_size, g.astype(float).tolist()) for g in gates
+        ]
     row["loadavg_after"] = os.getloadavg()
     del state, compiled, lowered
     return row
@@ -511,6 +554,10 @@ def run_torch(
     seen = sum(m.branches_seen for m in residuals)
     if setting.base == "batch" and seen:
         row["branches_run_fraction"] = sum(m.branches_run for m in residuals) / seen
+        # Per droppable block, in forward order: the fraction of timed steps it ran.
+        row["branches_run_per_block"] = [
+            m.branches_run / m.branches_seen if m.branches_seen else None for m in residuals
+        ]
     row["loadavg_after"] = os.getloadavg()
     return row
 
@@ -574,6 +621,15 @@ def summarize_models(rows: list[dict]) -> list[dict[str, Any]]:
             "torch_batch_over_constant_mean": _ratio(tb, tc, "mean_ms"),
             "torch_row_overhead_median": None if _ratio(tr, tc) is None else _ratio(tr, tc) - 1,
             "torch_branches_run_fraction": (tb or {}).get("branches_run_fraction"),
+            # Block compute kept by the gates the timed steps drew (MAC-weighted, like ideal).
+            "realized_blocks": (
+                statistics.fmean(jb["kept_block_compute_per_step"])
+                if jb
+                and jb.get("kept_block_compute_per_step")
+                and None not in jb["kept_block_compute_per_step"]
+                else None
+            ),
+            "torch_realized_blocks": _torch_kept_block_compute(name, image_size, tb),
             "jax_over_torch_median": {
                 s: _ratio(_find(rows, "jax", name, s + variant), _find(rows, "torch", name, s))
                 for s in BASE_SETTINGS
@@ -738,6 +794,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "modifiers",
         "ideal batch/const (block MACs)",
         "ideal batch/const (step MACs)",
+        "realized kept (block MACs): sdjax / PyTorch",
         "sdjax batch/const median",
         "sdjax batch/const mean",
         "PyTorch batch/const median",
@@ -759,6 +816,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 entry["variant"] or "none",
                 _fmt(ideal.get("ideal_blocks"), ".3f"),
                 _fmt(ideal.get("ideal_step"), ".3f"),
+                f"{_fmt(entry['realized_blocks'], '.3f')} / "
+                f"{_fmt(entry['torch_realized_blocks'], '.3f')}",
                 _fmt(entry["batch_over_constant_median"], ".3f"),
                 _fmt(entry["batch_over_constant_mean"], ".3f"),
                 _fmt(entry["torch_batch_over_constant_median"], ".3f"),
@@ -806,7 +865,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         "`sum_l w_l (1 - r_l) / sum_l w_l` over residual blocks (`w_l`: analytic MACs of block "
         "l's branch, `r_l`: its drop rate); the step column also counts the stem and head, "
         "which are never dropped. Batch-mode times vary with the random gates; every run uses "
-        "the same key sequence.",
+        "the same key sequence. Realized kept: the same fraction for the gates the timed steps "
+        "drew (sdjax / PyTorch), averaged over those steps.",
         "",
     ]
     return "\n".join(lines)

@@ -23,6 +23,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -186,6 +187,7 @@ def train_step(
     num_classes: int,
     label_smoothing: float = 0.0,
     ema_decay: float = 0.0,
+    block_gates: Callable[[jax.Array], jax.Array] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on a global batch.
 
@@ -197,9 +199,13 @@ def train_step(
       augment_kwargs: static arguments of :func:`sdjax.data.augment.preprocess`.
       num_classes, label_smoothing: the loss.
       ema_decay: decay of the parameter EMA (0 = off).
+      block_gates: for batch-mode stochastic depth, ``block_gates(dropout_key)`` -> the bool
+        per-block gates the model draws (``functools.partial(sdjax.models.batch_gates, model)``);
+        adds the metric ``"blocks_run"``, the number of residual blocks the step computed.
 
     Returns:
-      ``(new_state, {"loss", "accuracy", "learning_rate"})`` (float32 scalars, batch means).
+      ``(new_state, {"loss", "accuracy", "learning_rate"[, "blocks_run"]})`` (float32
+      scalars; loss and accuracy are batch means).
     """
     step_key = jax.random.fold_in(rng, state.step)
     dropout_key = jax.random.fold_in(step_key, 0)
@@ -230,6 +236,8 @@ def train_step(
         "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
         "learning_rate": jnp.asarray(new_state.opt_state.hyperparams["learning_rate"], jnp.float32),
     }
+    if block_gates is not None:
+        metrics["blocks_run"] = jnp.sum(block_gates(dropout_key), dtype=jnp.float32)
     return new_state, metrics
 
 
@@ -349,6 +357,15 @@ def _json_model_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(json.dumps(config.model.to_dict(), default=str))
 
 
+def _block_gates_fn(model) -> Callable[[jax.Array], jax.Array] | None:
+    """``batch_gates`` of ``model`` when it trains with batch-mode stochastic depth, else None."""
+    if getattr(model, "drop_mode", None) != "batch" or not hasattr(model, "effective_block_rates"):
+        return None
+    if max(model.effective_block_rates(), default=0.0) <= 0:
+        return None
+    return functools.partial(models.batch_gates, model)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains and evaluates ``config``, resuming from ``workdir/checkpoints`` if present.
 
@@ -408,6 +425,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             num_classes=config.model.num_classes,
             label_smoothing=config.optim.label_smoothing,
             ema_decay=config.optim.ema_decay,
+            block_gates=_block_gates_fn(model),
         ),
         in_shardings=(replicated, batch_sharding, replicated),
         out_shardings=(replicated, replicated),
@@ -464,6 +482,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             "learning_rate": float(values[-1]["learning_rate"]),
             "examples_per_s": (step - last["step"]) * batch_size / max(now - last["time"], 1e-9),
         }
+        if "blocks_run" in values[0]:
+            # Batch-mode stochastic depth: residual blocks computed per step (mean over the
+            # logged steps) -- the depth the steps actually trained.
+            scalars["train_blocks_run"] = float(np.mean([v["blocks_run"] for v in values]))
         last.update(time=now, step=step)
         writer.write_scalars(step, scalars)
         progress.update(step, loss=scalars["train_loss"])

@@ -16,8 +16,11 @@ import platform
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
+import sdjax.models as models
 from experiments import benchmark
 
 TORCH_AVAILABLE = importlib.util.find_spec("torch") is not None
@@ -37,6 +40,24 @@ def test_ideal_ratio_of_linear_decay_matches_the_paper():
     block_macs, has_skip, other = benchmark.efficientnet_b0_macs(224)
     assert sum(block_macs) + other == pytest.approx(0.39e9, rel=0.02)
     assert len(block_macs) == 16 and sum(has_skip) == 9
+
+
+def test_kept_block_compute_is_the_realized_ideal():
+    rates = [0.5 * layer / 54 for layer in range(1, 55)]
+    ideal = benchmark.ideal_ratios("cifar_resnet110", 32, rates)["ideal_blocks"]
+    # Each block kept with its survival probability: the expectation, i.e. the ideal.
+    kept = [1.0 - r for r in rates]
+    assert benchmark.kept_block_compute("cifar_resnet110", 32, kept) == pytest.approx(ideal)
+    assert benchmark.kept_block_compute("cifar_resnet110", 32, [1.0] * 54) == pytest.approx(1.0)
+    # One step that dropped only the last block (a full-cost stage-3 block: 1/53.5 of the
+    # compute, the two downsampling blocks costing 3/4 of the others).
+    one_dropped = benchmark.kept_block_compute("cifar_resnet110", 32, [1.0] * 53 + [0.0])
+    assert one_dropped == pytest.approx(1.0 - 1.0 / (52 + 2 * 0.75))
+    # EfficientNet-B0: a block without an identity skip counts as kept whatever it is given.
+    _, has_skip, _ = benchmark.efficientnet_b0_macs(64)
+    no_skip_zeroed = [1.0 if d else 0.0 for d in has_skip]
+    assert benchmark.kept_block_compute("efficientnet_b0", 64, no_skip_zeroed) == 1.0
+    assert benchmark.kept_block_compute("cifar_resnet110", 32, [1.0] * 3) is None
 
 
 def test_parse_setting_rejects_unknown_names():
@@ -130,6 +151,15 @@ def test_quick_run_writes_json_and_markdown(tmp_path, repo_root):
         ]
     )
     assert summary["batch_over_constant_median"] > 0
+    # The gates of the one timed step (index 1, after one warm-up step), recomputed here.
+    batch_model = models.create(
+        "cifar_resnet20", final_drop_rate=0.5, drop_schedule="linear", drop_mode="batch"
+    )
+    gates = np.asarray(models.batch_gates(batch_model, jax.random.fold_in(jax.random.key(0), 1)))
+    assert jax_rows[1]["blocks_run_per_step"] == [int(gates.sum())]
+    realized = benchmark.kept_block_compute("cifar_resnet20", 32, gates.astype(float).tolist())
+    assert jax_rows[1]["kept_block_compute_per_step"] == [pytest.approx(realized)]
+    assert summary["realized_blocks"] == pytest.approx(realized)
 
     torch_rows = [row for row in report["rows"] if row["framework"] == "torch"]
     if TORCH_AVAILABLE:
@@ -140,6 +170,8 @@ def test_quick_run_writes_json_and_markdown(tmp_path, repo_root):
             jax_rows[2]["median_ms"] / torch_rows[0]["median_ms"]
         )
         assert 0.0 <= torch_rows[1]["branches_run_fraction"] <= 1.0
+        assert len(torch_rows[1]["branches_run_per_block"]) == 9
+        assert 0.0 <= summary["torch_realized_blocks"] <= 1.0
     else:
         assert report["torch_status"].startswith("skipped (torch not importable")
         assert torch_rows == []

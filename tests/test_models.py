@@ -5,6 +5,7 @@ counts of the big networks come from `jax.eval_shape` (no real initialization).
 """
 
 import functools
+import re
 import subprocess
 import sys
 
@@ -201,10 +202,16 @@ def test_cifar_resnet_shapes_train_and_eval(cifar_variables):
     )
 
 
+#: EfficientNet-B0 in batch mode with the XLA convolution (faster to compile; the fast one is
+#: tested in test_conv.py), shared by the tests below so that each worker compiles it once.
+EFFNET_BATCH_MODE = models.create(
+    "efficientnet_b0", num_classes=5, conv_impl="xla", drop_mode="batch", final_drop_rate=0.5
+)
+
+
 def test_efficientnet_b0_and_resnet50_shapes():
     x = tiny_images((1, 32, 32, 3))
-    # The XLA convolution compiles faster; the fast one is tested in test_conv.py and above.
-    effnet = models.create("efficientnet_b0", num_classes=5, conv_impl="xla")
+    effnet = EFFNET_BATCH_MODE
     logits, _ = train_apply(effnet)(init(effnet, x), x, DROPOUT_KEY)
     assert logits.shape == (1, 5) and logits.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(logits)))
@@ -329,6 +336,57 @@ def test_scan_and_unrolled_agree(cifar_variables, drop_mode):
         rematted = models.create("cifar_resnet20", scan_blocks=True, remat=True)
         remat_logits, _ = train_apply(rematted)(scan_variables, x, DROPOUT_KEY)
         np.testing.assert_allclose(remat_logits, logits, rtol=1e-5, atol=1e-5)
+
+
+_BLOCK_NAME = re.compile(r"^stage(\d+)_block(\d+)$")
+
+
+def blocks_that_ran(old_stats, new_stats):
+    """Per block, in forward order: did its BatchNorm statistics change (i.e. did it run)?"""
+    names = sorted(
+        (tuple(int(g) for g in _BLOCK_NAME.match(n).groups()), n)
+        for n in new_stats
+        if _BLOCK_NAME.match(n)
+    )
+    return [max_abs_diff(new_stats[n], old_stats[n]) > 0 for _, n in names]
+
+
+@pytest.mark.parametrize("scan_blocks", [False, True])
+def test_batch_gates_are_the_blocks_a_step_computes(cifar_variables, scan_blocks):
+    """batch_gates(model, key) == the blocks whose BatchNorm statistics the step updates."""
+    variables, x = cifar_variables
+    model = models.create("cifar_resnet20", scan_blocks=scan_blocks)  # batch mode, linear 0.5
+    if scan_blocks:
+        variables = models.unrolled_to_scan(variables)
+    seen = set()
+    for seed in range(6):
+        key = jax.random.fold_in(DROPOUT_KEY, seed)
+        gates = models.batch_gates(model, key)
+        assert gates.shape == (9,) and gates.dtype == jnp.bool_
+        _, stats = train_apply(model)(variables, x, key)
+        if scan_blocks:
+            stats = models.scan_to_unrolled(stats)
+        old = models.scan_to_unrolled(variables) if scan_blocks else variables
+        assert blocks_that_ran(old["batch_stats"], stats) == list(np.asarray(gates)), seed
+        seen.add(tuple(np.asarray(gates)))
+    # Different keys draw different gates, and some blocks are dropped.
+    assert len(seen) > 1 and not all(all(g) for g in seen)
+
+
+def test_batch_gates_of_efficientnet_keep_blocks_without_identity_shortcut():
+    x = tiny_images((1, 32, 32, 3))
+    model = EFFNET_BATCH_MODE
+    variables = init(model, x)
+    rates = model.effective_block_rates()
+    assert len(rates) == model.num_blocks == 16
+    # Stage-first blocks that change the stride or width have no identity shortcut: rate 0.
+    droppable = [r > 0 for r in rates]
+    assert droppable.count(False) == 7 and not droppable[0] and droppable[-2]
+    gates = models.batch_gates(model, DROPOUT_KEY)
+    _, stats = train_apply(model)(variables, x, DROPOUT_KEY)
+    assert blocks_that_ran(variables["batch_stats"], stats) == list(np.asarray(gates))
+    assert all(g for g, d in zip(np.asarray(gates), droppable, strict=True) if not d)
+    assert not all(np.asarray(gates))
 
 
 def test_layout_converters_round_trip(cifar_variables):

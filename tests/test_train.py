@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sdjax import config_utils, optim, train
+from sdjax import config_utils, models, optim, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,6 +55,26 @@ def test_end_to_end_writes_results_metrics_and_checkpoints(tmp_path):
     assert "jax" in on_disk["versions"] and on_disk["devices"]["device_count"] >= 1
     lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
     assert {"train_loss", "learning_rate", "examples_per_s"} <= set(lines[0])
+    # Batch-mode stochastic depth (digits_sd): the blocks each logged window computed, the mean
+    # of the gates that the steps' dropout keys draw.
+    config = tiny_config()
+    model = train.create_model(config)
+    train_key = jax.random.fold_in(jax.random.key(config.seed, impl=config.prng_impl), 1)
+    logged = [x for x in lines if "train_loss" in x]
+    assert [x["step"] for x in logged] == [2, 3, 4, 6]  # every 2 steps, and at the save at 3
+    first = 0
+    for x in logged:
+        runs = [
+            int(
+                models.batch_gates(
+                    model, jax.random.fold_in(jax.random.fold_in(train_key, s), 0)
+                ).sum()
+            )
+            for s in range(first, x["step"])
+        ]
+        assert x["train_blocks_run"] == pytest.approx(np.mean(runs)), x
+        first = x["step"]
+    assert min(x["train_blocks_run"] for x in logged) < model.num_blocks == 9
     assert any("test_accuracy" in x for x in lines)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
     assert os.listdir(os.path.join(workdir, "tensorboard"))

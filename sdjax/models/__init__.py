@@ -25,7 +25,12 @@ import flax.linen as nn
 
 from sdjax.models.cifar_resnet import DEPTHS as CIFAR_DEPTHS
 from sdjax.models.cifar_resnet import CifarResNet
-from sdjax.models.common import dataclass_fields, scan_to_unrolled, unrolled_to_scan
+from sdjax.models.common import (
+    batch_gates,
+    dataclass_fields,
+    scan_to_unrolled,
+    unrolled_to_scan,
+)
 from sdjax.models.efficientnet import VARIANTS as EFFICIENTNET_VARIANTS
 from sdjax.models.efficientnet import EfficientNet
 from sdjax.models.resnet import STAGE_SIZES as RESNET_DEPTHS
@@ -35,6 +40,7 @@ __all__ = [
     "CifarResNet",
     "EfficientNet",
     "ResNet",
+    "batch_gates",
     "create",
     "names",
     "scan_to_unrolled",

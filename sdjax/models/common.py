@@ -12,6 +12,8 @@ Everything here is Flax Linen. The pieces:
   either unrolled or with ``nn.scan`` (and optionally ``nn.remat``); both layouts draw the same
   drop gates because every block derives its key as ``fold_in(model_key, block_index)``.
 * :func:`scan_to_unrolled` / :func:`unrolled_to_scan` -- convert variables between the two layouts.
+* :func:`batch_gates` -- the batch-mode gates a training key draws (which blocks run), without
+  running the model.
 
 Naming convention of stages (the contract of the two converters): the first block of a stage is
 the submodule ``"<stage>_block0"``; the remaining ``n - 1`` blocks are ``"<stage>_block1"`` ...
@@ -35,12 +37,13 @@ import numpy as np
 from sdjax import schedules
 from sdjax.conv import IMPLS, conv2d
 from sdjax.layers import DropPathResidual
-from sdjax.ops import DROP_PATH_MODES, check_rate
+from sdjax.ops import DROP_PATH_MODES, batch_keep, check_rate
 
 __all__ = [
     "Conv",
     "StochasticDepthFields",
     "apply_stage",
+    "batch_gates",
     "batch_norm",
     "check_input",
     "conv_kernel_init",
@@ -261,6 +264,14 @@ class StochasticDepthFields:
         """The per-block drop rates of the ``num_blocks`` blocks, in forward order."""
         return schedules.get(self.drop_schedule)(num_blocks, self.final_drop_rate)
 
+    def effective_block_rates(self) -> tuple[float, ...]:
+        """The drop rate each of the model's ``num_blocks`` blocks trains with, in forward order.
+
+        The schedule's rates (:meth:`block_rates`), except 0.0 for a block that cannot be dropped
+        (EfficientNet's blocks without an identity shortcut).
+        """
+        return tuple(self.block_rates(self.num_blocks))
+
 
 def model_key(module: nn.Module, stochastic: bool) -> Array | None:
     """The model's one stochastic-depth/dropout key per forward pass, or None if not needed.
@@ -286,6 +297,35 @@ def model_key(module: nn.Module, stochastic: bool) -> Array | None:
             'pass rngs={"dropout": key} to apply (or train=False, or final_drop_rate=0).'
         )
     return module.make_rng("dropout")
+
+
+def _dropout_key(module: nn.Module) -> Array:
+    return module.make_rng("dropout")
+
+
+def batch_gates(model: nn.Module, key: Array) -> Array:
+    """The batch-mode gates that ``model.apply(..., train=True, rngs={"dropout": key})`` draws.
+
+    Computed from the key and the model's drop rates alone: no parameters and no forward pass,
+    so it is cheap to call per step (e.g. to log how many blocks a step computed).
+
+    Args:
+      model: an sdjax model (:mod:`sdjax.models`), scanned or unrolled.
+      key: the ``"dropout"`` PRNG key of the training step.
+
+    Returns:
+      A ``bool`` array of shape ``(model.num_blocks,)``, in forward order: ``True`` where the
+      block's residual branch is computed. Blocks that cannot be dropped (rate 0, e.g.
+      EfficientNet's blocks without an identity shortcut) are ``True``. With
+      ``drop_mode="batch"`` these are exactly the blocks the step computes; in row mode each
+      block draws per-sample masks from the same block key instead, and this gate is not used.
+      A scanned stage compares its float32 rate with the random bits, so its gate can differ
+      from this one in the rare draws that fall between the float32 and float64 thresholds
+      (probability below 1e-6 per block).
+    """
+    rates = model.effective_block_rates()
+    top = model.apply({}, rngs={"dropout": key}, method=_dropout_key)
+    return jnp.stack([batch_keep(jax.random.fold_in(top, b), r) for b, r in enumerate(rates)])
 
 
 def relu_residual(

@@ -299,20 +299,27 @@ class EfficientNet(nn.Module, StochasticDepthFields):
         """The number of MBConv blocks ``L`` (16 for B0); not all of them can be dropped."""
         return sum(spec.repeats for spec in self.stages())
 
+    def effective_block_rates(self) -> tuple[float, ...]:
+        """The schedule's per-block rates, 0.0 for blocks without an identity shortcut.
+
+        Only blocks with an identity shortcut are dropped: the first block of a stage is one only
+        if its stride is 1 and it keeps the number of filters (the others always are).
+        """
+        rates = list(self.block_rates(self.num_blocks))
+        first_index = 0
+        for spec in self.stages():
+            if spec.strides != 1 or spec.in_filters != spec.out_filters:
+                rates[first_index] = 0.0
+            first_index += spec.repeats
+        return tuple(rates)
+
     @nn.compact
     def __call__(self, x, train: bool = False):
         """Returns float32 logits ``(N, num_classes)`` for float images ``(N, H, W, C)``."""
         x = check_input(x, model="EfficientNet", input_channels=self.input_channels, min_size=32)
         stages = self.stages()
         num_blocks = sum(spec.repeats for spec in stages)
-        rates = list(self.block_rates(num_blocks))
-        # Only blocks with an identity shortcut are dropped: the first block of a stage is one
-        # only if its stride is 1 and it keeps the number of filters.
-        first_index = 0
-        for spec in stages:
-            if spec.strides != 1 or spec.in_filters != spec.out_filters:
-                rates[first_index] = 0.0
-            first_index += spec.repeats
+        rates = list(self.effective_block_rates())
         key = model_key(self, train and (max(rates) > 0 or self.dropout_rate > 0))
 
         def norm(name):
