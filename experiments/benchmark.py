@@ -667,7 +667,13 @@ def evaluate_targets(
                 f"batch-mode SD step <= 0.80 x constant ({group})",
                 entry["batch_over_constant_median"],
                 TARGET_BATCH_RATIO,
-                "median batch-mode / median constant-depth step",
+                "median batch-mode / median constant-depth step"
+                + (
+                    f" (the timed steps kept {entry['realized_blocks']:.3f} of the block compute; "
+                    f"expected {entry['ideal']['ideal_blocks']:.3f})"
+                    if entry["realized_blocks"] is not None and entry["ideal"]
+                    else ""
+                ),
             )
         if name.startswith("cifar_resnet") and entry["row_overhead_median"] is not None:
             add(
