@@ -64,7 +64,7 @@ from overhead.
 
 Usage (from the repository root)::
 
-    python -m experiments.benchmark                 # full run, ~20 min on 2 cores
+    python -m experiments.benchmark                 # full run, ~25 min on 2 cores
     python -m experiments.benchmark --quick         # cifar_resnet20, batch 16, 3 steps (seconds)
     python -m experiments.benchmark --models cifar_resnet56 --settings constant,batch --no_torch
 
