@@ -359,9 +359,7 @@ def _json_model_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def _block_gates_fn(model) -> Callable[[jax.Array], jax.Array] | None:
     """``batch_gates`` of ``model`` when it trains with batch-mode stochastic depth, else None."""
-    if getattr(model, "drop_mode", None) != "batch" or not hasattr(model, "effective_block_rates"):
-        return None
-    if max(model.effective_block_rates(), default=0.0) <= 0:
+    if model.drop_mode != "batch" or max(model.effective_block_rates()) <= 0:
         return None
     return functools.partial(models.batch_gates, model)
 

@@ -354,10 +354,9 @@ def blocks_that_ran(old_stats, new_stats):
 @pytest.mark.parametrize("scan_blocks", [False, True])
 def test_batch_gates_are_the_blocks_a_step_computes(cifar_variables, scan_blocks):
     """batch_gates(model, key) == the blocks whose BatchNorm statistics the step updates."""
-    variables, x = cifar_variables
+    unrolled_variables, x = cifar_variables
     model = models.create("cifar_resnet20", scan_blocks=scan_blocks)  # batch mode, linear 0.5
-    if scan_blocks:
-        variables = models.unrolled_to_scan(variables)
+    variables = models.unrolled_to_scan(unrolled_variables) if scan_blocks else unrolled_variables
     seen = set()
     for seed in range(6):
         key = jax.random.fold_in(DROPOUT_KEY, seed)
@@ -366,8 +365,8 @@ def test_batch_gates_are_the_blocks_a_step_computes(cifar_variables, scan_blocks
         _, stats = train_apply(model)(variables, x, key)
         if scan_blocks:
             stats = models.scan_to_unrolled(stats)
-        old = models.scan_to_unrolled(variables) if scan_blocks else variables
-        assert blocks_that_ran(old["batch_stats"], stats) == list(np.asarray(gates)), seed
+        ran = blocks_that_ran(unrolled_variables["batch_stats"], stats)
+        assert ran == list(np.asarray(gates)), seed
         seen.add(tuple(np.asarray(gates)))
     # Different keys draw different gates, and some blocks are dropped.
     assert len(seen) > 1 and not all(all(g) for g in seen)
