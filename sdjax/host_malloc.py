@@ -5,9 +5,6 @@ and its large outputs with ``malloc`` and frees them when the step ends. glibc h
 requests above its mmap threshold (at most 32 MB by default), and any request above 64 MB made
 from a thread other than the main one, to ``mmap``, and returns them to the kernel on ``free``:
 every step then touches fresh pages, and the kernel zero-fills each 4 KB page on a fault.
-Measured here (2 CPU cores): a ResNet-56 train step faulted 121k pages (its whole 496 MB temp
-buffer) and spent ~250 ms of system time per step on it; with ``"reuse"`` it faults none after
-the first steps and the system time is ~10 ms.
 
 ``configure("reuse")`` calls glibc's ``mallopt`` so that every block comes from one heap and
 stays there after ``free``: ``M_ARENA_MAX=1`` (one arena for all threads), ``M_MMAP_MAX=0``
