@@ -589,8 +589,11 @@ def row_subset_residual(
     if skip_compute:
         out = branch_fn(_gather_rows(x, idx))
         _check_branch_out(out, (num_shards * k_max,) + shortcut.shape[1:])
-        w = jnp.tile(weights, num_shards).reshape((-1,) + (1,) * (out.ndim - 1))
-        out = jnp.where(w != 0, out * w.astype(out.dtype), jnp.zeros((), out.dtype))
+        if traced:
+            w = jnp.tile(weights, num_shards).reshape((-1,) + (1,) * (out.ndim - 1))
+            out = jnp.where(w != 0, out * w.astype(out.dtype), jnp.zeros((), out.dtype))
+        elif scale != 1.0:
+            out = out * jnp.asarray(scale, out.dtype)
         dtype = jnp.result_type(shortcut, out)
         total = _scatter_add_rows(shortcut.astype(dtype), idx, out.astype(dtype))
         return total.astype(shortcut.dtype)

@@ -121,7 +121,7 @@ class SubsetDrawTest(chex.TestCase, parameterized.TestCase):
 
 class RowSubsetResidualTest(chex.TestCase, parameterized.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters((True, 1), (False, 1), (True, 2))
+    @parameterized.parameters((True, 1), (False, 2))
     def test_equals_masked_computation_values_and_gradients(self, scale_by_keep, shards):
         x, shortcut = _inputs()
         rate, key = 0.6, _key(3)
@@ -417,8 +417,13 @@ SHARDED_SCRIPT = textwrap.dedent(
         np.testing.assert_allclose(np.asarray(fn(xs, key)), np.asarray(fn(x, key)), rtol=1e-6)
     out = jax.jit(f)(xs, key)
     assert out.sharding.is_equivalent_to(sharding, out.ndim), out.sharding
-    idx = np.asarray(ops.subset_indices(key, 8, 2, num_shards=2))
-    assert len({tuple(sorted(r)) for r in idx}) == 2, idx  # the shards drew different subsets
+    # The shards draw different subsets (the rows that got the branch differ per shard).
+    differ = []
+    for seed in range(4):
+        got = np.any(np.asarray(jax.jit(f)(xs, jax.random.key(seed))) != np.asarray(x), axis=1)
+        assert got.reshape(2, 4).sum(axis=1).tolist() == [2, 2], got
+        differ.append(bool(np.any(got[:4] != got[4:])))
+    assert any(differ), differ
     print("OK")
     """
 )
