@@ -5,7 +5,8 @@
   (``"batch"``); apply it to a residual branch's output.
 * :class:`DropPathResidual` -- the skip construct ``shortcut + drop_path(branch(x))`` that, in
   batch mode, does not run a dropped branch at all (a ``cond``, not a mask): neither forward nor
-  backward, and its variables (BatchNorm statistics included) are left untouched.
+  backward, and its variables (BatchNorm statistics included) are left untouched; in
+  ``"row_subset"`` mode it runs the branch on a fixed-size random subset of the samples only.
 
 PRNG plumbing is explicit: the key comes from the ``rng=`` call argument if given, otherwise from
 the ``"dropout"`` rng collection of ``apply`` (``rngs={"dropout": key}``). The training flag is
@@ -36,9 +37,25 @@ def _validate_rate(rate: Any, name: str = "rate") -> None:
         ops.check_rate(rate, name)
 
 
-def _validate_mode(mode: str) -> None:
-    if mode not in ops.DROP_PATH_MODES:
-        raise ValueError(f"mode must be one of {ops.DROP_PATH_MODES}, got {mode!r}.")
+def _validate_mode(mode: str, allowed: tuple[str, ...] = ops.DROP_PATH_MODES) -> None:
+    if mode not in allowed:
+        raise ValueError(f"mode must be one of {allowed}, got {mode!r}.")
+
+
+def _validate_subset_fields(mode: str, rate: Any, min_rate: Any, num_shards: Any) -> None:
+    """Checks the row-subset fields (``min_rate``, ``num_shards``) of a residual construct."""
+    if min_rate is not None:
+        min_rate = ops.check_rate(min_rate, "min_rate")
+        if not isinstance(rate, jax.Array) and min_rate > float(rate):
+            raise ValueError(f"min_rate={min_rate} must be <= rate={rate} (a lower bound).")
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be a positive int, got {num_shards!r}.")
+    if mode == "row_subset" and isinstance(rate, jax.Array) and min_rate is None:
+        raise ValueError(
+            "mode='row_subset' with a JAX array rate needs min_rate: a Python float lower bound "
+            "on the rate (e.g. the smallest rate of the scanned stage) that fixes the static "
+            "subset size; min_rate=0.0 runs the branch on the whole batch."
+        )
 
 
 def _is_static_rate(rate: Any, value: float) -> bool:
@@ -197,6 +214,36 @@ class DropPathResidual(nn.Module):
     (``skip_compute=False``, or ``shortcut + drop_path(branch(x), mode="batch")``) for the same
     key. In row mode the branch always runs and its output is masked per sample.
 
+    Row-subset mode (``mode="row_subset"``, :func:`sdjax.ops.row_subset_residual`): per shard of
+    ``L = B // num_shards`` samples, exactly ``k = ops.subset_size(L, rate)`` samples (``max(1,
+    round((1 - rate) * L))``; 0 at rate 1) are drawn uniformly without replacement; the branch
+    runs on those ``k`` samples only (forward and backward) and ``branch_out * L / k`` (``* 1``
+    with ``scale_by_keep=False``) is added to their shortcut rows; the other samples get the
+    shortcut alone. The differences from ``"row"`` (masked): ``"row"`` draws an independent
+    Bernoulli(1 - rate) per sample, so the number kept varies from step to step, and runs the
+    branch on every sample, so a BatchNorm inside the branch normalises over the whole batch;
+    ``"row_subset"`` keeps exactly ``k`` samples and a BatchNorm inside the branch normalises
+    over (and updates its statistics from) those ``k`` samples only. For a per-sample branch
+    the two compute the same function of the index set; ``skip_compute=False`` runs the branch
+    on every sample and masks the outputs outside the subset (the same result for the same key,
+    without the saving). The branch must accept any batch size; ``branch_kwargs`` are passed as
+    they are (not gathered), so they must not be per-sample arrays.
+
+    * Sharded batch: set ``num_shards`` to the number of devices the batch axis is sharded over;
+      each device then draws its own subset of its own samples and the gather/scatter stay on
+      the device (no collective of the activations). ``num_shards`` must divide the batch.
+    * Traced rate (a 0-d JAX array, e.g. the per-block rate of an ``nn.scan`` over blocks of
+      different rates): ``k`` must be static, so ``min_rate`` (a Python float <= every rate the
+      module sees, e.g. the smallest rate of the scanned stage) fixes ``k_max = subset_size(L,
+      min_rate)``; the branch runs on ``k_max`` samples and the ones beyond the block's own
+      ``k`` are masked out, scaled by ``L / k``. This pads every block of the stage to the
+      stage's largest ``k``, so one scan body serves blocks of different rates and, for a
+      per-sample branch, gives the unrolled (static-rate) result for the same key; a BatchNorm
+      in the branch normalises over the ``k_max`` samples. ``min_rate`` is required for a traced
+      rate in this mode and optional (checked ``<= rate``, no effect) for a Python float rate.
+    * Edges: rate 0 (or a rate that rounds to ``k == L``) runs the branch on every sample, no
+      gather; rate 1 gives ``shortcut`` without running the branch.
+
     Eval (``deterministic=True``): ``shortcut + branch(x)``, times ``1 - rate`` on the branch
     when ``scale_by_keep=False``. At init the branch always runs (so its variables are created)
     and nothing is dropped.
@@ -214,14 +261,20 @@ class DropPathResidual(nn.Module):
         output must have the shape of ``shortcut`` (the sum is returned in ``shortcut``'s dtype).
       rate: the probability of dropping the branch, a float in ``[0, 1]`` or a 0-d JAX array
         (e.g. a per-block rate scanned over blocks).
-      mode: ``"batch"`` (one gate for the whole batch; the branch can be skipped) or ``"row"``
-        (one gate per sample; the branch always runs).
+      mode: ``"batch"`` (one gate for the whole batch; the branch can be skipped), ``"row"``
+        (one gate per sample; the branch always runs) or ``"row_subset"`` (exactly ``k``
+        samples per shard; the branch runs on those only). See ``sdjax.ops.RESIDUAL_MODES``.
       scale_by_keep: divide a kept branch by ``1 - rate`` in training (True), or multiply it by
         ``1 - rate`` at eval (False, the paper's convention).
       skip_compute: in batch mode, skip a dropped branch with a ``cond`` (True) or compute it
-        and mask it (False).
+        and mask it (False); in row-subset mode, run the branch on the subset (True) or on every
+        sample with the outputs outside the subset masked (False).
       deterministic: default for the call argument; exactly one of the two must be set.
       rng_collection: the rng collection the key is taken from when ``rng`` is not given.
+      min_rate: row-subset mode: a static lower bound on ``rate`` fixing the subset size of a
+        traced rate (required then); ``None`` for a Python float rate.
+      num_shards: row-subset mode: the number of contiguous shards of the batch axis (devices)
+        that each draw their own subset; must divide the batch size.
     """
 
     branch: nn.Module
@@ -231,10 +284,13 @@ class DropPathResidual(nn.Module):
     skip_compute: bool = True
     deterministic: bool | None = None
     rng_collection: str = "dropout"
+    min_rate: float | None = None
+    num_shards: int = 1
 
     def __post_init__(self):
         _validate_rate(self.rate)
-        _validate_mode(self.mode)
+        _validate_mode(self.mode, ops.RESIDUAL_MODES)
+        _validate_subset_fields(self.mode, self.rate, self.min_rate, self.num_shards)
         if not isinstance(self.branch, nn.Module):
             raise ValueError(
                 f"DropPathResidual.branch must be a flax.linen Module, got {self.branch!r}."
@@ -283,6 +339,8 @@ class DropPathResidual(nn.Module):
         key = _get_key(self, rng, self.rng_collection)
         if key is None:
             raise _missing_key_error(self, self.rng_collection)
+        if self.mode == "row_subset":
+            return self._subset_branch(x, shortcut, key, branch_kwargs)
         if self.mode == "row" or not self.skip_compute:
             out = self._run_branch(x, shortcut, branch_kwargs)
             return _add(
@@ -301,6 +359,22 @@ class DropPathResidual(nn.Module):
                 f"has shape {shortcut.shape}; they must be equal."
             )
         return out
+
+    def _subset_branch(
+        self, x: Array, shortcut: Array, key: Array, branch_kwargs: dict[str, Any]
+    ) -> Array:
+        """Row-subset mode: the branch on ``k`` samples per shard, scatter-added (see class doc)."""
+        return ops.row_subset_residual(
+            lambda rows: self.branch(rows, **branch_kwargs),
+            x,
+            shortcut,
+            self.rate,
+            key=key,
+            scale_by_keep=self.scale_by_keep,
+            num_shards=self.num_shards,
+            min_rate=self.min_rate,
+            skip_compute=self.skip_compute,
+        )
 
     def _cond_branch(
         self, x: Array, shortcut: Array, key: Array, branch_kwargs: dict[str, Any]

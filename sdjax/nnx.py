@@ -7,6 +7,10 @@ Same semantics as :mod:`sdjax.layers` (Linen), in the NNX style of ``flax.nnx.Dr
   is forked, so the layer owns its own stream and advances it on each call);
 * ``deterministic`` is an attribute that ``model.eval()`` sets to True and ``model.train()`` to
   False (also ``nnx.view(model, deterministic=...)``); the call argument overrides it.
+
+Layers: :class:`Dropout`, :class:`StochasticDepth` and :class:`DropPathResidual` (the residual
+construct ``shortcut + drop_path(branch(x))`` that skips a dropped branch's compute in batch and
+row-subset modes).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from flax import nnx
 
 from sdjax import ops
 
-__all__ = ["Dropout", "StochasticDepth"]
+__all__ = ["DropPathResidual", "Dropout", "StochasticDepth"]
 
 Array = jax.Array
 RngsArg = nnx.Rngs | nnx.RngStream | jax.Array | None
@@ -188,3 +192,179 @@ class StochasticDepth(nnx.Module):
         """Used by ``nnx.view``: sets ``deterministic`` if given."""
         if deterministic is not None:
             self.deterministic = deterministic
+
+
+class DropPathResidual(nnx.Module):
+    """The residual construct for NNX: ``shortcut + drop_path(branch(x, **branch_kwargs))``.
+
+    The same three behaviours as :class:`sdjax.layers.DropPathResidual` (Linen), and the same
+    results for the same key:
+
+    * ``mode="row"`` (masked): the branch runs on every sample and its output is masked per
+      sample by :func:`sdjax.ops.drop_path` (one Bernoulli(1 - rate) draw per sample).
+    * ``mode="batch"``: one gate (:func:`sdjax.ops.batch_keep`) for the whole batch. With
+      ``skip_compute`` the training path is an ``nnx.cond``: a dropped branch is not run
+      (forward or backward) and its state (BatchNorm ``batch_stats``, rng counts) is left
+      unchanged; a kept branch adds ``branch(x) / (1 - rate)`` (no division with
+      ``scale_by_keep=False``).
+    * ``mode="row_subset"``: exactly ``k = ops.subset_size(L, rate)`` samples per shard of ``L =
+      B // num_shards`` are drawn without replacement and the branch runs on those only
+      (:func:`sdjax.ops.row_subset_residual`); their rows get ``branch_out * L / k`` (``* 1``
+      with ``scale_by_keep=False``), the others the shortcut alone. A BatchNorm in the branch
+      normalises over, and updates its statistics from, the ``k`` kept samples; ``branch_kwargs``
+      are passed as they are (not gathered). A 0-d JAX array rate needs ``min_rate`` (see the
+      Linen class). Rate 1 gives the shortcut without running the branch.
+
+    Eval (``deterministic=True``): ``shortcut + branch(x)``, with the branch times ``1 - rate``
+    when ``scale_by_keep=False``. The sum has ``shortcut``'s shape and dtype.
+
+    Args:
+      branch: the residual branch, an ``nnx.Module`` called as ``branch(x, **branch_kwargs)``;
+        its output has the shape of ``shortcut`` (in row-subset mode, of the gathered rows).
+      rate: the probability of dropping the branch: a float in ``[0, 1]``, or a 0-d JAX array
+        (e.g. per block of an ``nnx.scan`` over stacked blocks; not validated).
+      mode: one of :data:`sdjax.ops.RESIDUAL_MODES`: ``"row"``, ``"batch"`` or ``"row_subset"``.
+      scale_by_keep: scale kept branches in training (True) or scale by ``1 - rate`` at eval.
+      skip_compute: skip the dropped compute (``nnx.cond`` in batch mode, the subset in
+        row-subset mode) (True), or run the branch on everything and mask (False).
+      min_rate: row-subset mode: a static lower bound on ``rate``, required for an array rate.
+      num_shards: row-subset mode: the shards of the batch axis (devices) that each draw their
+        own subset; must divide the batch size.
+      deterministic: the initial mode (False: training); toggled by ``.train()`` / ``.eval()``.
+      rng_collection: the name of the rng stream taken from ``rngs``.
+      rngs: an ``nnx.Rngs`` (its ``rng_collection`` stream is forked) or an ``nnx.RngStream``.
+    """
+
+    def __init__(
+        self,
+        branch: nnx.Module,
+        rate: Any,
+        *,
+        mode: str = "row",
+        scale_by_keep: bool = True,
+        skip_compute: bool = True,
+        min_rate: float | None = None,
+        num_shards: int = 1,
+        deterministic: bool | None = False,
+        rng_collection: str = "dropout",
+        rngs: nnx.Rngs | nnx.RngStream | None = None,
+    ):
+        if mode not in ops.RESIDUAL_MODES:
+            raise ValueError(f"mode must be one of {ops.RESIDUAL_MODES}, got {mode!r}.")
+        if not isinstance(branch, nnx.Module):
+            raise ValueError(f"DropPathResidual.branch must be an nnx.Module, got {branch!r}.")
+        if isinstance(rate, jax.Array):
+            ops._is_traced_rate(rate)  # 0-d and floating, or a clear error
+            if mode == "row_subset" and min_rate is None:
+                raise ValueError(
+                    "mode='row_subset' with a JAX array rate needs min_rate: a Python float "
+                    "lower bound on the rate that fixes the static subset size."
+                )
+            self.rate = nnx.data(rate)
+        else:
+            self.rate = ops.check_rate(rate)
+        if min_rate is not None:
+            min_rate = ops.check_rate(min_rate, "min_rate")
+            if isinstance(self.rate, float) and min_rate > self.rate:
+                raise ValueError(
+                    f"min_rate={min_rate} must be <= rate={self.rate} (a lower bound)."
+                )
+        if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+            raise ValueError(f"num_shards must be a positive int, got {num_shards!r}.")
+        self.branch = branch
+        self.mode = mode
+        self.scale_by_keep = bool(scale_by_keep)
+        self.skip_compute = bool(skip_compute)
+        self.min_rate = min_rate
+        self.num_shards = num_shards
+        self.deterministic = deterministic
+        self.rng_collection = rng_collection
+        self.rngs = _fork_stream(rngs, rng_collection)
+
+    def __call__(
+        self,
+        x: Array,
+        shortcut: Array,
+        *,
+        deterministic: bool | None = None,
+        rngs: RngsArg = None,
+        **branch_kwargs: Any,
+    ) -> Array:
+        """Computes ``shortcut + drop_path(branch(x, **branch_kwargs))``; see the class docstring.
+
+        Args:
+          x: the branch input, batch on axis 0.
+          shortcut: the identity (or projected) path; the output has its shape and dtype.
+          deterministic: overrides the attribute for this call.
+          rngs: overrides the stream given at construction (a Rngs, RngStream or key).
+          **branch_kwargs: passed to the branch.
+
+        Returns:
+          The sum, an array with the shape and dtype of ``shortcut``.
+        """
+        rate = self.rate
+        static = isinstance(rate, float)
+        if _resolve_deterministic(deterministic, self.deterministic, "DropPathResidual"):
+            out = self._run_branch(x, shortcut, branch_kwargs)
+            if not self.scale_by_keep:
+                out = out * jnp.asarray(1.0 - rate, out.dtype)
+            return _add(shortcut, out)
+        if static and rate == 0.0:
+            return _add(shortcut, self._run_branch(x, shortcut, branch_kwargs))
+        key = _next_key(self, rngs)
+        if self.mode == "row_subset":
+            return ops.row_subset_residual(
+                lambda rows: self.branch(rows, **branch_kwargs),
+                x,
+                shortcut,
+                rate,
+                key=key,
+                scale_by_keep=self.scale_by_keep,
+                num_shards=self.num_shards,
+                min_rate=self.min_rate,
+                skip_compute=self.skip_compute,
+            )
+        if self.mode == "row" or not self.skip_compute:
+            out = self._run_branch(x, shortcut, branch_kwargs)
+            dropped = ops.drop_path(
+                out, rate, key=key, mode=self.mode, scale_by_keep=self.scale_by_keep
+            )
+            return _add(shortcut, dropped)
+        gate = ops.batch_keep(key, rate)
+        scale = ops.survival_scale(rate) if self.scale_by_keep else None
+
+        def kept(branch: nnx.Module, x: Array, shortcut: Array) -> Array:
+            out = branch(x, **branch_kwargs)
+            _check_out_shape(out, shortcut)
+            if scale is not None:
+                out = out * jnp.asarray(scale, out.dtype)
+            return _add(shortcut, out)
+
+        def skipped(branch: nnx.Module, x: Array, shortcut: Array) -> Array:
+            del branch, x
+            return shortcut
+
+        return nnx.cond(gate, kept, skipped, self.branch, x, shortcut)
+
+    def _run_branch(self, x: Array, shortcut: Array, branch_kwargs: dict[str, Any]) -> Array:
+        out = self.branch(x, **branch_kwargs)
+        _check_out_shape(out, shortcut)
+        return out
+
+    def set_view(self, deterministic: bool | None = None):
+        """Used by ``nnx.view``: sets ``deterministic`` if given."""
+        if deterministic is not None:
+            self.deterministic = deterministic
+
+
+def _check_out_shape(out: Array, shortcut: Array) -> None:
+    if out.shape != shortcut.shape:
+        raise ValueError(
+            f"DropPathResidual: the branch output has shape {out.shape}, but the shortcut has "
+            f"shape {shortcut.shape}; they must be equal."
+        )
+
+
+def _add(shortcut: Array, out: Array) -> Array:
+    """``shortcut + out`` in the dtype of ``shortcut`` (the residual stream keeps its dtype)."""
+    return (shortcut + out).astype(shortcut.dtype)
