@@ -242,12 +242,12 @@ def _torch_status(args: argparse.Namespace, cpus: int) -> str:
 
 
 def _log(row: dict[str, Any]) -> None:
-    print(
-        f"[benchmark] {row['framework']:5s} {row['model']:22s} {row['setting']:18s} "
-        f"compile {row.get('lower_plus_compile_s', 0.0):6.1f} s  median "
-        f"{row.get('median_ms', 0.0):8.1f} ms  mean {row.get('mean_ms', 0.0):8.1f} ms",
-        flush=True,
-    )
+    text = f"[benchmark] {row['framework']:5s} {row['model']:22s} {row['setting']:18s}"
+    if "lower_plus_compile_s" in row:
+        text += f" compile {row['lower_plus_compile_s']:6.1f} s"
+    if "median_ms" in row:
+        text += f"  median {row['median_ms']:8.1f} ms  mean {row['mean_ms']:8.1f} ms"
+    print(text, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
