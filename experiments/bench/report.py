@@ -48,12 +48,8 @@ def _header(report: dict[str, Any]) -> list[str]:
         "backward, SGD-Nesterov update, BN statistics update), synthetic data, float32 unless "
         "stated.",
         "",
-        f"- Command: `{prov['command']}`",
-        f"- Date (UTC): {prov['date_utc']}; git commit: `{prov['git_commit']}`",
-        "- Versions: " + ", ".join(f"{k} {v}" for k, v in prov["versions"].items()),
-        f"- Machine: {mach['cpu']} ({common.isa_text(mach.get('cpu_isa'))}), "
-        f"{mach['cpu_count']} logical CPUs ({extra['cpus_available']} available to this "
-        f"process), {mach['platform']}; JAX backend `{mach.get('jax_backend')}`, devices "
+        common.provenance_markdown(prov).rstrip("\n"),
+        f"- CPUs available to this process: {extra['cpus_available']}; JAX devices: "
         f"{mach.get('jax_devices')}",
         f"- PyTorch: {report['torch_status']}",
         f"- Host allocator (`--host_malloc {config.get('host_malloc', 'auto')}`): {malloc}; "
