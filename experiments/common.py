@@ -49,15 +49,42 @@ def command_line() -> str:
     return shlex.join(head + sys.argv[1:])
 
 
-def _cpu_model() -> str:
+def _cpuinfo_field(field: str) -> str | None:
+    """The value of the first ``field`` line of /proc/cpuinfo, or None (no such file or line)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                name, sep, value = line.partition(":")
+                if sep and name.strip() == field:
+                    return value.strip()
     except OSError:
         pass
-    return platform.processor() or "unknown"
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or "unknown"
+
+
+# ISA name -> the /proc/cpuinfo flag that announces it, in increasing order of capability.
+_ISA_FLAGS = (("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AMX", "amx_tile"))
+
+
+def cpu_isa(flags: Iterable[str] | None = None) -> list[str]:
+    """The vector/matrix extensions among AVX2, AVX-512 (F) and AMX (tile) the CPU announces.
+
+    Args:
+      flags: CPU feature flags as /proc/cpuinfo spells them (e.g. ``"avx512f"``); None reads
+        this machine's (the first processor's ``flags`` line).
+
+    Returns:
+      The names present, in the order AVX2, AVX-512, AMX; ``[]`` when none is (or when the
+      flags cannot be read, e.g. not Linux or not x86).
+    """
+    if flags is None:
+        flags = (_cpuinfo_field("flags") or "").split()
+    present = set(flags)
+    return [name for name, flag in _ISA_FLAGS if flag in present]
 
 
 def _git_commit() -> str:
@@ -89,10 +116,12 @@ def versions(packages: Iterable[str] = _PACKAGES) -> dict[str, str]:
 
 
 def machine() -> dict[str, Any]:
-    """The machine: OS, CPU model, logical CPU count, and the JAX backend and devices if JAX is loaded."""
+    """The machine: OS, CPU model and ISA (`cpu_isa`), logical CPU count, and the JAX backend and
+    devices if JAX is loaded."""
     info: dict[str, Any] = {
         "platform": platform.platform(),
         "cpu": _cpu_model(),
+        "cpu_isa": cpu_isa(),
         "cpu_count": os.cpu_count(),
     }
     if "jax" in sys.modules:
@@ -113,6 +142,14 @@ def provenance() -> dict[str, Any]:
     }
 
 
+def isa_text(isa: Sequence[str] | None) -> str:
+    """``["AVX2", "AVX-512"]`` -> ``"AVX2, AVX-512"``; ``"no AVX2/AVX-512/AMX"`` when empty;
+    ``"ISA unknown"`` for None (a record written before the ISA was recorded)."""
+    if isa is None:
+        return "ISA unknown"
+    return ", ".join(isa) if isa else "no AVX2/AVX-512/AMX"
+
+
 def provenance_markdown(prov: dict[str, Any]) -> str:
     """A short markdown block (for the bottom of a results table) from `provenance()`'s dict."""
     vers = ", ".join(f"{k} {v}" for k, v in prov["versions"].items())
@@ -121,7 +158,8 @@ def provenance_markdown(prov: dict[str, Any]) -> str:
         f"- Command: `{prov['command']}`",
         f"- Date (UTC): {prov['date_utc']}; git commit: `{prov['git_commit']}`",
         f"- Versions: {vers}",
-        f"- Machine: {mach['cpu']}, {mach['cpu_count']} logical CPUs, {mach['platform']}"
+        f"- Machine: {mach['cpu']} ({isa_text(mach.get('cpu_isa'))}), {mach['cpu_count']} "
+        f"logical CPUs, {mach['platform']}"
         + (f", JAX backend `{mach['jax_backend']}`" if "jax_backend" in mach else ""),
     ]
     return "\n".join(lines) + "\n"

@@ -13,18 +13,20 @@ kernel-level gap behind the train-step ratio of `experiments/benchmark.py`.
     python -m experiments.conv_microbench            # writes experiments/results/conv_microbench.{json,md}
     python -m experiments.conv_microbench --quick    # smaller batch, fewer repeats (a smoke run)
     python -m experiments.conv_microbench --explore  # also times every k x k formulation
+                                                     # (experiments/conv_formulations.py)
 
-No randomness beyond fixed-key inputs.
+The JSON and markdown record the command, versions, git commit and machine (CPU model and ISA:
+AVX2 / AVX-512 / AMX) from `experiments.common.provenance`. No randomness beyond fixed-key
+inputs.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import pathlib
-import platform
+import shlex
 import statistics
 import time
 
@@ -33,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from experiments import common, conv_formulations
 from sdjax import conv, host_malloc
 
 try:  # the `bench` extra
@@ -40,7 +43,7 @@ try:  # the `bench` extra
 except ImportError:  # pragma: no cover - depends on the environment
     torch = None
 
-RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS_DIR = common.RESULTS_ROOT
 
 # name: (x shape NHWC, kernel shape HWIO, stride, feature_group_count)
 CASES = {
@@ -57,8 +60,7 @@ CASES = {
 def _make_fn(impl, stride, groups, context, pass_, formulation=None):
     def conv_fn(x, kernel):
         if formulation is not None:
-            pads = conv._explicit_padding("SAME", x.shape[1:3], kernel.shape[:2], (stride, stride))
-            return conv._conv_fast(x, kernel, (stride, stride), pads, formulation)
+            return conv_formulations.conv2d(x, kernel, strides=stride, formulation=formulation)
         return conv.conv2d(x, kernel, strides=stride, feature_group_count=groups, impl=impl)
 
     if context == "cond":
@@ -176,16 +178,7 @@ def run(args) -> dict:
         call_args = (x, kernel) if pass_ == "fwd" else (x, kernel, cotangent)
         variants = [("xla", None), ("fast", None)]
         if args.explore and groups == 1 and k_shape[0] > 1:
-            fwd_kinds = ("lax", "im2col", "taps")
-            if pass_ == "fwd":
-                variants += [(f"fast[{f}]", (f, "taps", "taps")) for f in fwd_kinds]
-            else:
-                variants += [
-                    (f"fast[{f},{dk},{dx}]", (f, dk, dx))
-                    for f, dk, dx in itertools.product(
-                        ("lax",), ("taps", "im2col", "conv"), ("taps", "conv")
-                    )
-                ]
+            variants += [(f"fast[{','.join(f)}]", f) for f in conv_formulations.formulations(pass_)]
         for label, formulation in variants:
             impl = "xla" if label == "xla" else "fast"
             fn = _make_fn(impl, stride, groups, context, pass_, formulation)
@@ -205,12 +198,19 @@ def run(args) -> dict:
             timing = _time_torch(fn, args.repeats, args.warmup)
             rows.append(dict(case=name, context=context, pass_=pass_, impl="torch", **timing))
             print(f"{name:28s} {context:4s} {pass_:7s} {'torch':26s} {timing['median_ms']:9.2f} ms")
+    prov = common.provenance()
+    if args.argv is not None:  # called from Python: the command that would do the same
+        prov["command"] = shlex.join(["python", "-m", "experiments.conv_microbench", *args.argv])
+    prov["versions"] = common.versions(("jax", "jaxlib", "numpy", "torch"))
     return {
-        "command": "python -m experiments.conv_microbench " + " ".join(args.argv),
+        "provenance": prov,
+        "command": prov["command"],
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
+        "platform": prov["machine"]["platform"],
+        "cpu": prov["machine"]["cpu"],
+        "cpu_isa": prov["machine"]["cpu_isa"],
+        "cpu_count": prov["machine"]["cpu_count"],
         "torch": "not run"
         if torch is None or args.no_torch
         else (f"torch {torch.__version__}, {torch.get_num_threads()} threads"),
@@ -227,6 +227,7 @@ def to_markdown(result: dict) -> str:
         f"Command: `{result['command']}`  ",
         f"jax {result['jax_version']}, backend {result['backend']}, {result['cpu_count']} CPUs, "
         f"load average at end {tuple(round(v, 1) for v in result['load_average_at_end'])}.  ",
+        f"CPU: {result.get('cpu', 'unknown')}, ISA: {common.isa_text(result.get('cpu_isa'))}.  ",
         f"PyTorch: {result.get('torch', 'not run')}.  ",
         "Median wall ms per call (jitted, after warm-up); speedup = xla / fast; fast GFLOP/s = "
         "2 x multiply-adds (x3 for fwd+bwd) / fast ms; PyTorch: eager, channels-last (oneDNN), "
@@ -281,7 +282,7 @@ def main(argv=None):
     parser.add_argument("--out_dir", default=str(RESULTS_DIR))
     args = parser.parse_args(argv)
     args.host_malloc_applied = host_malloc.configure(args.host_malloc)
-    args.argv = list(argv) if argv is not None else __import__("sys").argv[1:]
+    args.argv = None if argv is None else list(argv)
     if args.quick:
         args.batch = args.batch or 32
         args.warmup = 1
@@ -289,7 +290,7 @@ def main(argv=None):
     result = run(args)
     out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "conv_microbench.json").write_text(json.dumps(result, indent=1))
+    common.write_json(out_dir / "conv_microbench.json", result)
     (out_dir / "conv_microbench.md").write_text(to_markdown(result))
     print(f"wrote {out_dir / 'conv_microbench.json'} and conv_microbench.md")
 

@@ -10,12 +10,16 @@ code is written in. Two stochastic-depth variants are provided, selected by `dro
 * ``"batch"``: the stochastic-depth paper's skip (Huang et al., 2016). One draw per block and
   step (``torch.rand(()) < drop_rate``, a host-side decision); a dropped branch is not computed
   at all, forward or backward, and its BatchNorm statistics are not updated.
+* ``"row_subset"``: DINOv2's residual: the branch runs on ``k = max(1, round((1 - drop_rate) *
+  N))`` samples drawn without replacement (``torch.randperm``) and is ``index_add``-ed into the
+  shortcut, times ``N / k`` when ``scale_by_keep``; the other samples get the shortcut only.
 
 Only the training-mode behaviour matters for the benchmark; evaluation follows the same
 conventions as sdjax (identity for ``scale_by_keep=True``, branch times ``1 - drop_rate``
 otherwise). Randomness comes from the global torch generator (``torch.manual_seed``).
 
-Tensors are NCHW float32 (PyTorch's default layout); labels are int64 class indices.
+Tensors are NCHW float32 (PyTorch's default layout; the transformer stack takes ``(N, tokens,
+width)``); labels are int64 class indices.
 
 This module imports torch at import time; import it only when torch is installed (the ``bench``
 extra).
@@ -29,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-DROP_MODES = ("row", "batch")
+DROP_MODES = ("row", "batch", "row_subset")
+TRANSFORMER_NAME = "transformer_mlp_stack"
 
 
 def _check_drop_mode(drop_mode: str) -> str:
@@ -66,7 +71,8 @@ class StochasticResidual(nn.Module):
     Attributes:
       branch: the residual branch module.
       drop_rate: probability of dropping the branch in training.
-      drop_mode: ``"row"`` (compute and mask per sample) or ``"batch"`` (skip the whole branch).
+      drop_mode: ``"row"`` (compute and mask per sample), ``"batch"`` (skip the whole branch) or
+        ``"row_subset"`` (compute on a random subset of ``k`` samples; see the module docstring).
       scale_by_keep: inverted scaling of kept outputs in training (and identity at eval).
     """
 
@@ -91,6 +97,14 @@ class StochasticResidual(nn.Module):
             return shortcut + out
         if self.drop_mode == "row":
             return shortcut + drop_path_rows(self.branch(x), self.drop_rate, self.scale_by_keep)
+        if self.drop_mode == "row_subset":
+            if self.drop_rate == 1.0:
+                return shortcut
+            n = x.shape[0]
+            k = max(1, round(keep_prob * n))
+            index = torch.randperm(n, device=x.device)[:k]
+            scale = n / k if self.scale_by_keep else 1.0
+            return torch.index_add(shortcut, 0, index, self.branch(x[index]), alpha=scale)
         # Paper's batch-wise skip: one host-side draw, the dropped branch is never run.
         self.branches_seen += 1
         if float(torch.rand(())) < self.drop_rate:
@@ -354,6 +368,54 @@ class EfficientNet(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
+# Transformer MLP stack (experiments/bench/transformer.py): pre-norm MLP blocks on tokens.
+# ---------------------------------------------------------------------------------------------
+
+
+class TransformerMLPStack(nn.Module):
+    """``x + drop_path(MLP(LayerNorm(x)))`` blocks, then LayerNorm, token mean, classifier.
+
+    Input ``(N, tokens, width)`` float32; GELU with the tanh approximation (Flax's default).
+    """
+
+    def __init__(
+        self,
+        drop_rates: Sequence[float] | None,
+        drop_mode: str,
+        scale_by_keep: bool,
+        num_classes: int,
+        *,
+        num_blocks: int = 12,
+        width: int = 384,
+        hidden_ratio: int = 4,
+    ):
+        super().__init__()
+        rates = list(drop_rates) if drop_rates is not None else [0.0] * num_blocks
+        hidden = hidden_ratio * width
+        self.blocks = nn.ModuleList(
+            StochasticResidual(
+                nn.Sequential(
+                    nn.LayerNorm(width),
+                    nn.Linear(width, hidden),
+                    nn.GELU(approximate="tanh"),
+                    nn.Linear(hidden, width),
+                ),
+                rate,
+                drop_mode,
+                scale_by_keep,
+            )
+            for rate in rates
+        )
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, x)
+        return self.head(self.norm(x).mean(dim=1))
+
+
+# ---------------------------------------------------------------------------------------------
 # Factory and train step.
 # ---------------------------------------------------------------------------------------------
 
@@ -366,12 +428,14 @@ def num_blocks(name: str) -> int:
         return (CIFAR_DEPTHS[name] - 2) // 2
     if name == "efficientnet_b0":
         return EFFICIENTNET_B0_NUM_BLOCKS
+    if name == TRANSFORMER_NAME:
+        return 12
     raise ValueError(f"no PyTorch peer for {name!r}; available: {sorted(available())}")
 
 
 def available() -> tuple[str, ...]:
     """Names that `create` accepts (the sdjax model names that have a PyTorch peer)."""
-    return (*CIFAR_DEPTHS, "efficientnet_b0")
+    return (*CIFAR_DEPTHS, "efficientnet_b0", TRANSFORMER_NAME)
 
 
 def create(
@@ -387,6 +451,8 @@ def create(
         return CifarResNet(CIFAR_DEPTHS[name], drop_rates, drop_mode, scale_by_keep, num_classes)
     if name == "efficientnet_b0":
         return EfficientNet(drop_rates, drop_mode, scale_by_keep, num_classes)
+    if name == TRANSFORMER_NAME:
+        return TransformerMLPStack(drop_rates, drop_mode, scale_by_keep, num_classes)
     raise ValueError(f"no PyTorch peer for {name!r}; available: {sorted(available())}")
 
 

@@ -8,9 +8,9 @@ forward pass, and convolutions inside `lax.cond` / `lax.scan` bodies slower stil
 computes the convolution with formulations XLA:CPU handles well:
 
 * a general k x k convolution is a `jax.custom_vjp` whose backward pass computes
-  the kernel gradient as one GEMM per kernel tap
-  (``dW[i, j] = x_padded[:, i::s, j::s]^T @ g``) and the input gradient as GEMMs
-  plus shifted adds (or a plain convolution with the flipped kernel);
+  the kernel gradient as a forward convolution of ``x`` with ``g`` as the window
+  (batch and feature axes swapped by explicit transposes) and the input gradient
+  as a convolution of the stride-dilated ``g`` with the flipped kernel;
 * a 1 x 1 convolution is a matrix product (`lax.dot_general`);
 * a depthwise convolution (``feature_group_count == in_channels``) is a sum of
   shifted elementwise multiply-adds.
@@ -227,7 +227,7 @@ def _explicit_padding(padding: PaddingLike, in_hw, kernel_hw, strides) -> _Pads:
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers shared by the fast formulations.
+# Helpers shared by the fast path.
 
 
 def _out_size(padded: int, k: int, s: int) -> int:
@@ -360,120 +360,30 @@ _depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 # ----------------------------------------------------------------------------------------------
-# General k x k convolution (feature_group_count == 1).
-#
-# The formulations are static choices so that experiments/conv_microbench.py can time each;
-# `_DEFAULT_FORMULATION` holds the fastest on XLA:CPU.
-#   forward: "lax" (lax.conv_general_dilated), "im2col" (patches @ W, one GEMM),
-#            "taps" (sum over taps of x_tap @ W[i, j]).
-#   dkernel: "taps" (one GEMM per tap), "im2col" (patches^T @ g, one GEMM), "conv" (a
-#            convolution of x with g as the window, batch and feature axes swapped by explicit
-#            transposes so that XLA:CPU sees a canonical NHWC/HWIO forward convolution, which it
-#            runs fast inside cond/scan bodies too; the spatial padding is done by the convolution,
-#            which is ~2x faster than a VALID convolution of a pre-padded input), "auto" ("conv").
-#   dx:      "taps" (g @ W[i, j]^T per tap, then shifted adds), "cols" (one GEMM for all taps,
-#            then shifted adds), "conv" (lax conv of the dilated g with the flipped kernel).
-
-_DEFAULT_FORMULATION = ("lax", "auto", "conv")
+# General k x k convolution (feature_group_count == 1): the forward pass is
+# `lax.conv_general_dilated`; the backward pass computes both gradients as canonical forward
+# convolutions (NHWC/HWIO), which XLA:CPU runs fast at top level and inside cond/scan bodies.
 
 
-def _patches(xp, kernel_hw, out_hw, strides):
-    """im2col: ``(N, H_out, W_out, KH * KW * C)``, tap-major (matching HWIO reshaped)."""
-    kh, kw = kernel_hw
-    taps = [_tap(xp, i, j, out_hw, strides) for i in range(kh) for j in range(kw)]
-    return jnp.concatenate(taps, axis=-1) if len(taps) > 1 else taps[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_fast(x, kernel, strides, pads):
+    return _conv_forward(x, kernel, strides, pads)
 
 
-def _conv_forward(x, kernel, strides, pads, formulation):
-    kind = formulation[0]
-    if kind == "lax":
-        return lax.conv_general_dilated(
-            x, kernel, window_strides=strides, padding=pads, dimension_numbers=_DIMENSION_NUMBERS
-        )
-    kh, kw, in_channels, out_channels = kernel.shape
-    acc = _acc_dtype(x.dtype)
-    xp = _pad(x, pads)
-    out_hw = tuple(
-        _out_size(p, k, s) for p, k, s in zip(xp.shape[1:3], (kh, kw), strides, strict=True)
+def _conv_forward(x, kernel, strides, pads):
+    return lax.conv_general_dilated(
+        x, kernel, window_strides=strides, padding=pads, dimension_numbers=_DIMENSION_NUMBERS
     )
-    dims = (((3,), (0,)), ((), ()))
-    if kind == "im2col":
-        cols = _patches(xp, (kh, kw), out_hw, strides)
-        w = kernel.reshape(kh * kw * in_channels, out_channels)
-        out = lax.dot_general(cols, w, dims, preferred_element_type=acc)
-    elif kind == "taps":
-        out = None
-        for i in range(kh):
-            for j in range(kw):
-                term = lax.dot_general(
-                    _tap(xp, i, j, out_hw, strides), kernel[i, j], dims, preferred_element_type=acc
-                )
-                out = term if out is None else out + term
-    else:
-        raise ValueError(f"unknown forward formulation {kind!r}")
-    return out.astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_fast(x, kernel, strides, pads, formulation=_DEFAULT_FORMULATION):
-    return _conv_forward(x, kernel, strides, pads, formulation)
+def _conv_fast_fwd(x, kernel, strides, pads):
+    return _conv_forward(x, kernel, strides, pads), (x, kernel)
 
 
-def _conv_fast_fwd(x, kernel, strides, pads, formulation=_DEFAULT_FORMULATION):
-    return _conv_forward(x, kernel, strides, pads, formulation), (x, kernel)
-
-
-def _conv_fast_bwd(strides, pads, formulation, residuals, g):
-    _, dk_kind, dx_kind = formulation
+def _conv_fast_bwd(strides, pads, residuals, g):
     x, kernel = residuals
-    kh, kw, in_channels, out_channels = kernel.shape
-    acc = _acc_dtype(x.dtype)
-    xp = _pad(x, pads)
-    padded_hw = xp.shape[1:3]
-    out_hw = g.shape[1:3]
-    contract_nhw = (((0, 1, 2), (0, 1, 2)), ((), ()))
-
-    if dk_kind == "auto":
-        dk_kind = "conv"
-    if dk_kind == "conv":
-        dkernel = _conv_transpose_rhs(x, g, (kh, kw), strides, pads)
-    elif dk_kind == "taps":
-        dk_taps = [
-            lax.dot_general(
-                _tap(xp, i, j, out_hw, strides), g, contract_nhw, preferred_element_type=acc
-            )
-            for i in range(kh)
-            for j in range(kw)
-        ]
-        dkernel = jnp.stack(dk_taps).reshape(kh, kw, in_channels, out_channels)
-    elif dk_kind == "im2col":
-        cols = _patches(xp, (kh, kw), out_hw, strides)
-        dkernel = lax.dot_general(cols, g, contract_nhw, preferred_element_type=acc)
-        dkernel = dkernel.reshape(kh, kw, in_channels, out_channels)
-    else:
-        raise ValueError(f"unknown dkernel formulation {dk_kind!r}")
-
-    if dx_kind == "conv":
-        dx = _conv_transpose_lhs(g, kernel, x.shape, strides, pads)
-    else:
-        contract_o = (((3,), (1,)), ((), ()))
-        if dx_kind == "taps":
-            dtaps = [
-                lax.dot_general(g, kernel[i, j], contract_o, preferred_element_type=acc)
-                for i in range(kh)
-                for j in range(kw)
-            ]
-        elif dx_kind == "cols":
-            w = kernel.reshape(kh * kw * in_channels, out_channels)
-            dcols = lax.dot_general(g, w, contract_o, preferred_element_type=acc)
-            dtaps = jnp.split(dcols, kh * kw, axis=-1)
-        else:
-            raise ValueError(f"unknown dx formulation {dx_kind!r}")
-        dxp = None
-        for t, dtap in enumerate(dtaps):
-            term = _untap(dtap, t // kw, t % kw, padded_hw, strides)
-            dxp = term if dxp is None else dxp + term
-        dx = _crop(dxp, pads, x.shape[1:3])
+    dkernel = _conv_transpose_rhs(x, g, kernel.shape[:2], strides, pads)
+    dx = _conv_transpose_lhs(g, kernel, x.shape, strides, pads)
     return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
 
 
@@ -481,8 +391,7 @@ def _conv_transpose_rhs(x, g, kernel_hw, strides, pads):
     """dkernel as a canonical convolution: batch <-> feature swapped by explicit transposes.
 
     The spatial padding is left to the convolution (``padding=``) rather than applied to ``x``
-    first: XLA:CPU runs the padded convolution about twice as fast as a VALID one on a
-    pre-padded input (measured for the CIFAR ResNet shapes, at top level and in ``cond``).
+    first, the form XLA:CPU runs faster.
     """
     out_hw = g.shape[1:3]
     conv_pads = []

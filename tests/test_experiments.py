@@ -1,13 +1,30 @@
 """Fast tests of the experiment scripts' pure parts (aggregation, tables, commands); no training."""
 
 import argparse
+import functools
 import json
 import math
 import shlex
 
+import jax
+import numpy as np
 import pytest
 
-from experiments import cifar10_short, common, digits_curves, digits_depth, survival_sweep
+from experiments import (
+    cifar10_short,
+    common,
+    conv_formulations,
+    digits_curves,
+    digits_depth,
+    survival_sweep,
+)
+from sdjax import conv
+
+
+def _body(table: str) -> list[list[str]]:
+    """The body cells of a markdown table (`common.markdown_table`'s layout)."""
+    lines = [line for line in table.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
 
 
 def test_mean_std():
@@ -26,12 +43,22 @@ def test_markdown_table():
         common.markdown_table(["a", "b"], [[1]])
 
 
-def test_provenance_has_command_versions_machine():
+def test_cpu_isa_from_flags():
+    assert common.cpu_isa(["fpu", "avx", "avx2", "fma"]) == ["AVX2"]
+    assert common.cpu_isa(["avx512f", "amx_tile", "avx2", "avx512bw"]) == ["AVX2", "AVX-512", "AMX"]
+    assert common.cpu_isa(["sse4_2", "avx"]) == []
+    assert common.isa_text(["AVX2", "AVX-512"]) == "AVX2, AVX-512"
+
+
+def test_provenance_records_command_versions_machine():
     prov = common.provenance()
     assert prov["command"].startswith("python")
     assert "python" in prov["versions"] and prov["machine"]["cpu_count"] >= 1
+    assert prov["machine"]["cpu_isa"] == common.cpu_isa()
     text = common.provenance_markdown(prov)
-    assert "Command:" in text and "Machine:" in text
+    for value in (prov["command"], prov["git_commit"], prov["machine"]["cpu"]):
+        assert value in text
+    assert common.isa_text(prov["machine"]["cpu_isa"]) in text
 
 
 def test_train_command_and_reuse(tmp_path):
@@ -107,7 +134,9 @@ def test_digits_depth_aggregate_and_table():
     assert math.isclose(rows[1]["time_vs_constant"], 0.8)
     assert math.isclose(rows[1]["epoch_time_vs_constant"], 0.75)
     table = digits_depth.results_table(rows, {"constant": 54.0, "linear": 40.25}, 54)
-    assert "| linear | 40.2 / 54 | 2 | 3.00 ± 0.00 |" in table
+    body = _body(table)
+    assert [r[0] for r in body] == ["constant", "linear"]
+    assert body[1][1:4] == ["40.2 / 54", "2", common.format_mean_std([0.03, 0.03], scale=100)]
     assert digits_depth.variant_overrides("constant", 0.5) == {"model.final_drop_rate": 0.0}
     assert digits_depth.variant_overrides("uniform", 0.5)["model.drop_schedule"] == "uniform"
     with pytest.raises(ValueError, match="variant"):
@@ -120,7 +149,11 @@ def test_digits_curves_mean_curves():
     curves = digits_curves.mean_curves(RUNS)
     assert curves["constant"]["test_error_mean"] == pytest.approx([0.15, 0.05])
     assert curves["linear"]["train_loss_mean"] == [1.0, 0.5]
-    assert "| constant | 2 | 5.00 ± 1.41 |" in digits_curves.results_table(curves)
+    body = _body(digits_curves.results_table(curves))
+    assert [r[:3] for r in body] == [
+        ["constant", "2", common.format_mean_std([0.04, 0.06], scale=100)],
+        ["linear", "2", common.format_mean_std([0.03, 0.03], scale=100)],
+    ]
 
 
 def test_cifar10_short_summary():
@@ -132,8 +165,13 @@ def test_cifar10_short_summary():
     )
     assert math.isclose(rows[1]["time_saved"], 0.25)
     assert math.isclose(rows[1]["total_time_saved"], 0.2)
-    table = cifar10_short.results_table(rows)
-    assert "25.0%" in table and "6.41" in table and "5.25" in table
+    assert rows[0]["time_saved"] == 0.0 and rows[1]["epoch_time_s"] == 3.0
+    # One line per variant with its measured error and time saved (the paper's column aside).
+    body = _body(cifar10_short.results_table(rows))
+    assert [(r[0], r[1], r[3], r[6]) for r in body] == [
+        ("constant", "1", "4.00", "0.0%"),
+        ("stochastic depth", "1", "3.00", "25.0%"),
+    ]
 
 
 def test_survival_sweep_commands_and_curves(tmp_path):
@@ -164,8 +202,9 @@ def test_survival_sweep_commands_and_curves(tmp_path):
     assert curve["linear"]["final_drop_rate"] == [0.0, 0.5]
     assert curve["uniform"]["final_drop_rate"] == [0.0, 0.5]
     assert curve["uniform"]["test_error"][1] == (0.04, 0.0)
-    table = survival_sweep.results_table(curve)
-    assert "| 0.5 | 0.5 | 3.00 ± 0.00 (n=1) | 10 | 4.00 ± 0.00 (n=1) | 10 |" in table
+    body = _body(survival_sweep.results_table(curve))
+    assert [r[0] for r in body] == ["0", "0.5"]
+    assert body[1][2:] == ["3.00 ± 0.00 (n=1)", "10", "4.00 ± 0.00 (n=1)", "10"]
 
 
 def test_dropout_mlp_data_and_summary():
@@ -189,7 +228,8 @@ def test_dropout_mlp_data_and_summary():
 
 def test_conv_microbench_flops_and_smoke_run(tmp_path):
     """The FLOP count is the textbook one; a tiny run writes rows for both implementations in
-    both contexts, and (when PyTorch is installed) a top-level-only PyTorch peer column."""
+    both contexts, a top-level-only PyTorch peer when PyTorch is installed, one markdown line per
+    (case, context, pass), and the machine's CPU and ISA."""
     from experiments import conv_microbench  # noqa: PLC0415
 
     fwd = conv_microbench._flops((128, 32, 32, 16), (3, 3, 16, 32), 2, 1, "fwd")
@@ -198,18 +238,51 @@ def test_conv_microbench_flops_and_smoke_run(tmp_path):
     depthwise = conv_microbench._flops((8, 16, 16, 96), (3, 3, 1, 96), 1, 96, "fwd")
     assert depthwise == 2 * 8 * 16 * 16 * 96 * 9
 
-    conv_microbench.main(
-        ["--quick", "--batch", "4", "--cases", "64->64", "--out_dir", str(tmp_path)]
-    )
+    argv = ["--quick", "--batch", "4", "--cases", "64->64", "--out_dir", str(tmp_path)]
+    conv_microbench.main(argv)
     result = json.loads((tmp_path / "conv_microbench.json").read_text())
+    assert result["command"] == shlex.join(["python", "-m", "experiments.conv_microbench", *argv])
+    assert result["cpu_isa"] == common.cpu_isa() == result["provenance"]["machine"]["cpu_isa"]
     keys = {(r["context"], r["pass_"], r["impl"]) for r in result["rows"]}
     for context in ("top", "cond"):
         for pass_ in ("fwd", "fwd+bwd"):
             assert {(context, pass_, "xla"), (context, pass_, "fast")} <= keys
     torch_keys = {k for k in keys if k[2] == "torch"}
-    markdown = (tmp_path / "conv_microbench.md").read_text()
-    assert "| fast GFLOP/s | PyTorch ms | fast / PyTorch |" in markdown
     if conv_microbench.torch is not None:
         assert torch_keys == {("top", "fwd", "torch"), ("top", "fwd+bwd", "torch")}
     else:
-        assert not torch_keys and "PyTorch: not run" in markdown
+        assert not torch_keys
+    body = _body((tmp_path / "conv_microbench.md").read_text())
+    assert sorted((r[1], r[2]) for r in body) == sorted(
+        (c, p) for c in ("top", "cond") for p in ("fwd", "fwd+bwd")
+    )
+    assert all(r[0] == "cifar 3x3 64->64 8x8 s1" for r in body)
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwd+bwd"])
+def test_conv_formulations_match_the_package(pass_):
+    """Every formulation `conv_microbench --explore` times has the package's values and
+    gradients (stride 2, odd size: SAME padding with an extra high row and column)."""
+    kx, kk, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (2, 7, 7, 3))
+    kernel = jax.random.normal(kk, (3, 3, 3, 4)) * 0.3
+    cotangent = jax.random.normal(kg, (2, 4, 4, 4))
+
+    def values_and_grads(fn):
+        out, vjp = jax.vjp(fn, x, kernel)
+        return out, vjp(cotangent)
+
+    expected = jax.jit(
+        lambda: values_and_grads(functools.partial(conv.conv2d, strides=2, impl="xla"))
+    )()
+    formulations = conv_formulations.formulations(pass_)
+    assert formulations[0] == conv_formulations.PACKAGE and len(set(formulations)) == len(
+        formulations
+    )
+    for formulation in formulations:
+        fn = functools.partial(conv_formulations.conv2d, strides=2, formulation=formulation)
+        actual = jax.jit(lambda fn=fn: values_and_grads(fn))()
+        for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-5, err_msg=str(formulation))
+    with pytest.raises(ValueError, match="'winograd'"):
+        conv_formulations.conv2d(x, kernel, formulation=("winograd", "conv", "conv"))
