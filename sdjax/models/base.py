@@ -253,6 +253,9 @@ def check_drop_rate_scale(drop_rate_scale: Any, model: str) -> Array | None:
 def scale_rate(rate: Rate, drop_rate_scale: Array | None) -> Rate:
     """A block's drop rate times ``drop_rate_scale`` (float32), or the rate itself.
 
+    The scaled rate is the block's rate on every path: the drop probability in training and,
+    with ``scale_by_keep=False``, the eval factor ``1 - rate``.
+
     ``drop_rate_scale=None`` returns ``rate`` unchanged (a Python float stays static). A static
     rate of 0 stays the Python 0.0 (such a block is never dropped and needs no key); any other
     rate becomes ``float32(rate) * drop_rate_scale``, the same arithmetic for unrolled blocks,
