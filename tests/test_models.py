@@ -501,6 +501,8 @@ def test_unknown_name_lists_valid_names():
         (dict(scan_blocks="yes"), "scan_blocks"),
         (dict(num_classes=0), "num_classes"),
         (dict(dtype=jnp.int32), "dtype"),
+        (dict(bn_momentum=1.5), "bn_momentum.*1.5"),
+        (dict(bn_epsilon=0.0), "bn_epsilon.*> 0"),
         (dict(depth=56), "depth is fixed"),
     ],
 )

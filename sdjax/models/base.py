@@ -56,6 +56,12 @@ def _check_positive_int(value: Any, name: str) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
+def _check_real(value: Any, name: str, low: float, high: float, allowed: str) -> None:
+    is_real = isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+    if not is_real or not low <= float(value) <= high:
+        raise ValueError(f"{name} must be a real number {allowed}, got {value!r}.")
+
+
 def _check_float_dtype(value: Any, name: str) -> None:
     try:
         dtype = jnp.dtype(value)
@@ -129,9 +135,8 @@ class StochasticDepthFields(nn.Module, kw_only=True):
             _check_float_dtype(self.dtype, "dtype")
             _check_choice(self.conv_impl, "conv_impl", IMPLS)
             _check_positive_int(self.input_channels, "input_channels")
-            check_rate(self.bn_momentum, "bn_momentum")
-            if isinstance(self.bn_epsilon, bool) or not isinstance(self.bn_epsilon, numbers.Real):
-                raise ValueError(f"bn_epsilon must be a real number, got {self.bn_epsilon!r}.")
+            _check_real(self.bn_momentum, "bn_momentum", 0.0, 1.0, "in [0, 1]")
+            _check_real(self.bn_epsilon, "bn_epsilon", 1e-30, math.inf, "> 0")
         except ValueError as err:
             raise ValueError(f"{type(self).__name__}: {err}") from None
         super().__post_init__()
