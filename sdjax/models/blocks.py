@@ -1,6 +1,6 @@
 """The residual block contract shared by the three model families, and its one residual helper.
 
-A block is a Linen module built from factories (``ModuleDef``\\ s, as in flax's
+A block is a Linen module built from factories (``ModuleDef``, as in flax's
 ``examples/imagenet``): ``conv`` and ``norm`` make its layers, ``drop_path`` makes the
 :class:`sdjax.layers.DropPathResidual` that adds the (possibly dropped) branch to the shortcut.
 The model builds the three once (:meth:`sdjax.models.base.StochasticDepthFields.block_defs`).
