@@ -197,7 +197,7 @@ class DropPathResidualTest(chex.TestCase, parameterized.TestCase):
 
         new_params, new_stats, _, grads = train_step(params, batch_stats, opt_state, key)
         branch_grads = grads["DropPathResidual_0"]["branch"]
-        grad_norm = optax.global_norm(branch_grads)
+        grad_norm = optax.tree.norm(branch_grads)
         old_branch = params["DropPathResidual_0"]["branch"]
         new_branch = new_params["DropPathResidual_0"]["branch"]
         if gate:
