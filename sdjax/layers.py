@@ -15,14 +15,12 @@ the ``"dropout"`` rng collection of ``apply`` (``rngs={"dropout": key}``). The t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen.module import _context as _module_context
-from flax.linen.module import _unspecified_parent as _UNSPECIFIED_PARENT
 
 from sdjax import ops
 
@@ -55,6 +53,15 @@ def _validate_subset_fields(mode: str, rate: Any, min_rate: Any, num_shards: Any
             "mode='row_subset' with a JAX array rate needs min_rate: a Python float lower bound "
             "on the rate (e.g. the smallest rate of the scanned stage) that fixes the static "
             "subset size; min_rate=0.0 runs the branch on the whole batch."
+        )
+
+
+def _check_floating(module: nn.Module, x: Array, what: str = "input") -> None:
+    """Raises for a non-floating array on every path (train, eval, rate 0), before any math."""
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        raise ValueError(
+            f"{type(module).__name__} expects a floating-point {what}, got dtype "
+            f"{jnp.result_type(x)} (cast it first, e.g. x.astype(jnp.float32))."
         )
 
 
@@ -128,8 +135,10 @@ class Dropout(nn.Module):
           An array of the shape and dtype of ``x``.
 
         Raises:
-          ValueError: if training and no key is available.
+          ValueError: if ``x`` is not floating point (on every path, eval and rate 0 included),
+            or if training and no key is available.
         """
+        _check_floating(self, x)
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         if deterministic or _is_static_rate(self.rate, 0.0):
             return x
@@ -185,8 +194,10 @@ class StochasticDepth(nn.Module):
           An array of the shape and dtype of ``x``.
 
         Raises:
-          ValueError: if training and no key is available.
+          ValueError: if ``x`` is not floating point (on every path, eval and rate 0 included),
+            or if training and no key is available.
         """
+        _check_floating(self, x)
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         if deterministic:
             scale = _eval_scale(self.rate, self.scale_by_keep, x.dtype)
@@ -248,17 +259,24 @@ class DropPathResidual(nn.Module):
     when ``scale_by_keep=False``. At init the branch always runs (so its variables are created)
     and nothing is dropped.
 
-    The branch is passed as a dataclass field and becomes the child ``"branch"`` of this module
-    (its variables live under ``<this module's name>/branch``)::
+    The branch becomes the child ``"branch"`` of this module (its variables live under
+    ``<this module's name>/branch``). Pass it as a module definition -- a factory such as
+    ``functools.partial(MyBranch, features)``, called once with ``parent=None`` -- or as a module
+    instance, which is copied (``branch.clone(parent=None, name=None)``) when it is bound to
+    another module, e.g. created in the caller's compact method::
 
-        y = DropPathResidual(MyBranch(features), rate=0.2, mode="batch")(
-            x, shortcut, deterministic=not train, rng=key, train=train)
+        res = DropPathResidual(functools.partial(MyBranch, features), rate=0.2, mode="batch")
+        y = res(x, shortcut, deterministic=not train, rng=key, train=train)
+        # equivalent: DropPathResidual(MyBranch(features), rate=0.2, mode="batch")
 
-    Extra keyword arguments of the call (here ``train=train``) are passed to the branch.
+    Extra keyword arguments of the call (here ``train=train``) are passed to the branch. A copied
+    branch does not share parameters with the module it was copied from.
 
     Attributes:
-      branch: the residual branch, a Linen module called as ``branch(x, **branch_kwargs)``; its
-        output must have the shape of ``shortcut`` (the sum is returned in ``shortcut``'s dtype).
+      branch: the residual branch: a Linen module, or a callable returning one (a factory /
+        ``ModuleDef``; it is called with ``parent=None``); called as
+        ``branch(x, **branch_kwargs)``, its output must be floating point with the shape of
+        ``shortcut`` (the sum is returned in ``shortcut``'s dtype).
       rate: the probability of dropping the branch, a float in ``[0, 1]`` or a 0-d JAX array
         (e.g. a per-block rate scanned over blocks).
       mode: ``"batch"`` (one gate for the whole batch; the branch can be skipped), ``"row"``
@@ -277,7 +295,7 @@ class DropPathResidual(nn.Module):
         that each draw their own subset; must divide the batch size.
     """
 
-    branch: nn.Module
+    branch: nn.Module | Callable[..., nn.Module]
     rate: float
     mode: str = "row"
     scale_by_keep: bool = True
@@ -291,11 +309,9 @@ class DropPathResidual(nn.Module):
         _validate_rate(self.rate)
         _validate_mode(self.mode, ops.RESIDUAL_MODES)
         _validate_subset_fields(self.mode, self.rate, self.min_rate, self.num_shards)
-        if not isinstance(self.branch, nn.Module):
-            raise ValueError(
-                f"DropPathResidual.branch must be a flax.linen Module, got {self.branch!r}."
-            )
-        _adopt_branch(self)
+        # Before Module.__post_init__ (which registers field submodules), make the branch an
+        # orphan so that Linen adopts it as this module's child "branch".
+        self.branch = _orphan_branch(self.branch)
         super().__post_init__()
 
     @nn.compact
@@ -324,9 +340,10 @@ class DropPathResidual(nn.Module):
           its dtype; the branch output is added and the sum cast back).
 
         Raises:
-          ValueError: if training and no key is available, or the branch output has a shape
-            other than ``shortcut.shape``.
+          ValueError: if training and no key is available, or ``shortcut`` or the branch output
+            is not floating point or they differ in shape (on every path).
         """
+        _check_floating(self, shortcut, "shortcut")
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         if self.is_initializing() or deterministic:
             out = self._run_branch(x, shortcut, branch_kwargs)
@@ -353,6 +370,7 @@ class DropPathResidual(nn.Module):
 
     def _run_branch(self, x: Array, shortcut: Array, branch_kwargs: dict[str, Any]) -> Array:
         out = self.branch(x, **branch_kwargs)
+        _check_floating(self, out, "branch output")
         if out.shape != shortcut.shape:
             raise ValueError(
                 f"DropPathResidual: the branch output has shape {out.shape}, but the shortcut "
@@ -398,14 +416,9 @@ class DropPathResidual(nn.Module):
         # policy that saves only convolution/matmul outputs cuts those residuals from ~8
         # activations per block to ~3; the cheap elementwise work (BatchNorm, ReLU) is
         # recomputed in the backward cond. Values and gradients are unchanged.
-        if _REMAT_IN_COND:
-            kept = nn.checkpoint(kept, policy=_save_matmul_outputs, prevent_cse=False)
+        kept = nn.checkpoint(kept, policy=_save_matmul_outputs, prevent_cse=False)
         return nn.cond(gate, kept, skipped, self, x, shortcut)
 
-
-#: Checkpoint the kept branch of the batch-mode cond (see ``_cond_branch``); a switch for
-#: benchmarks, not an API.
-_REMAT_IN_COND = True
 
 _SAVED_PRIMITIVES = frozenset(
     {"conv_general_dilated", "dot_general", "custom_vjp_call", "custom_vjp_call_jaxpr"}
@@ -417,23 +430,29 @@ def _save_matmul_outputs(prim: Any, *_: Any, **__: Any) -> bool:
     return prim.name in _SAVED_PRIMITIVES
 
 
-def _adopt_branch(module: DropPathResidual) -> None:
-    """Makes a branch created in the caller's compact method a child of ``module``.
+def _orphan_branch(branch: Any) -> nn.Module:
+    """The branch as a module with ``parent=None``, which Linen adopts as the field's child.
 
-    Linen gives a module created inside a ``@nn.compact`` method to the module whose method is
-    running (it would become e.g. ``Block_0/Branch_0``, a sibling of this module). The branch
-    must live under this module's scope instead (``DropPathResidual_0/branch``), so that the
-    ``nn.cond`` lifted over this module owns its variables. A branch created in the same context
-    as this module is therefore re-created as an orphan, which Linen then adopts under the field
-    name ``branch``. Branches already adopted (e.g. when Flax clones this module inside a
-    transform) or created with ``parent=None`` are left to Linen.
+    A factory is called with ``parent=None``. A module whose parent is another Linen module
+    (created in the caller's compact method or ``setup``) is copied with
+    ``clone(parent=None, name=None)``. An orphan, or a branch whose parent is a ``flax.core``
+    scope (Linen's own copies of an adopted branch inside ``init``/``apply`` and transforms such
+    as ``nn.cond``), is returned as it is.
+
+    Raises:
+      ValueError: ``branch`` is neither a Linen module nor a callable returning one.
     """
-    parent = module.parent
-    if parent is _UNSPECIFIED_PARENT:
-        parent = _module_context.module_stack[-1]
-    branch = module.branch
-    if isinstance(parent, nn.Module) and branch.parent is parent:
-        object.__setattr__(module, "branch", branch.clone(parent=None, name=None))
+    if not isinstance(branch, nn.Module):
+        made = branch(parent=None) if callable(branch) else None
+        if not isinstance(made, nn.Module):
+            raise ValueError(
+                "DropPathResidual.branch must be a flax.linen Module or a factory returning one "
+                f"(e.g. functools.partial(MyBranch, features)), got {branch!r}."
+            )
+        return made
+    if isinstance(branch.parent, nn.Module):
+        return branch.clone(parent=None, name=None)
+    return branch
 
 
 def _add(shortcut: Array, out: Array) -> Array:

@@ -40,6 +40,15 @@ def _fork_stream(rngs: nnx.Rngs | nnx.RngStream | None, rng_collection: str) -> 
     raise TypeError(f"rngs must be an nnx.Rngs, an nnx.RngStream or None, got {type(rngs)}.")
 
 
+def _check_floating(layer: Any, x: Array) -> None:
+    """Raises for a non-floating input on every path (train, eval, rate 0), before any math."""
+    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+        raise ValueError(
+            f"{type(layer).__name__} expects a floating-point input, got dtype "
+            f"{jnp.result_type(x)} (cast it first, e.g. x.astype(jnp.float32))."
+        )
+
+
 def _resolve_deterministic(call_value: bool | None, attr_value: bool | None, name: str) -> bool:
     value = call_value if call_value is not None else attr_value
     if value is None:
@@ -111,7 +120,11 @@ class Dropout(nnx.Module):
 
         Returns:
           An array with the shape and dtype of ``x``.
+
+        Raises:
+          ValueError: ``x`` is not floating point (on every path, eval and rate 0 included).
         """
+        _check_floating(self, x)
         if _resolve_deterministic(deterministic, self.deterministic, "Dropout") or self.rate == 0:
             return x
         if self.rate == 1.0:
@@ -174,7 +187,11 @@ class StochasticDepth(nnx.Module):
 
         Returns:
           An array with the shape and dtype of ``x``.
+
+        Raises:
+          ValueError: ``x`` is not floating point (on every path, eval and rate 0 included).
         """
+        _check_floating(self, x)
         if _resolve_deterministic(deterministic, self.deterministic, "StochasticDepth"):
             if self.scale_by_keep or self.rate == 0:
                 return x
@@ -301,7 +318,12 @@ class DropPathResidual(nnx.Module):
 
         Returns:
           The sum, an array with the shape and dtype of ``shortcut``.
+
+        Raises:
+          ValueError: ``shortcut`` is not floating point (on every path), or the branch output
+            has another shape.
         """
+        _check_floating(self, shortcut)
         rate = self.rate
         static = isinstance(rate, float)
         if _resolve_deterministic(deterministic, self.deterministic, "DropPathResidual"):

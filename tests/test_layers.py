@@ -1,5 +1,7 @@
 """Tests of the Linen layers: Dropout, StochasticDepth and the skip construct DropPathResidual."""
 
+import functools
+
 import chex
 import flax.linen as nn
 import jax
@@ -65,6 +67,18 @@ class LayerTest(chex.TestCase, parameterized.TestCase):
         self.assertEqual(out.dtype, jnp.bfloat16)
         self.assertEqual(float(out.min()), float(out.max()))
 
+    @parameterized.parameters(
+        (StochasticDepth(0.3, mode="row", scale_by_keep=False), True),
+        (StochasticDepth(0.3), False),
+        (StochasticDepth(0.0), False),
+        (Dropout(0.3), True),
+        (Dropout(0.0), False),
+    )
+    def test_integer_input_is_an_error_on_every_path(self, layer, deterministic):
+        x = jnp.arange(12, dtype=jnp.int32).reshape(4, 3)
+        with self.assertRaisesRegex(ValueError, "floating-point input, got dtype int32"):
+            layer.apply({}, x, deterministic=deterministic, rng=_key())
+
     @parameterized.parameters(-0.5, 1.5, float("nan"), True, "0.1")
     def test_invalid_rate_at_construction(self, rate):
         for cls in (Dropout, StochasticDepth):
@@ -91,12 +105,13 @@ class Net(nn.Module):
     mode: str = "batch"
     skip_compute: bool = True
     scale_by_keep: bool = True
+    branch_factory: bool = False  # pass the branch as a ModuleDef instead of an instance
 
     @nn.compact
     def __call__(self, x, train: bool, rng=None):
         h = nn.Dense(4)(x)
         h = DropPathResidual(
-            Branch(),
+            functools.partial(Branch, 4) if self.branch_factory else Branch(),
             rate=self.rate,
             mode=self.mode,
             skip_compute=self.skip_compute,
@@ -113,12 +128,23 @@ def _init(net=None):
 
 
 class DropPathResidualTest(chex.TestCase, parameterized.TestCase):
-    def test_branch_adopted_and_initialized(self):
-        variables = _init(Net(rate=1.0))  # the branch runs at init whatever the rate
+    @parameterized.parameters((False,), (True,))
+    def test_branch_adopted_and_initialized(self, branch_factory):
+        net = Net(rate=1.0, branch_factory=branch_factory)
+        variables = _init(net)  # the branch runs at init whatever the rate
         branch_params = variables["params"]["DropPathResidual_0"]["branch"]
         self.assertEqual(set(branch_params), {"Dense_0", "BatchNorm_0"})
         self.assertIn("branch", variables["batch_stats"]["DropPathResidual_0"])
         self.assertEqual(set(variables["params"]), {"Dense_0", "DropPathResidual_0"})
+        # The same parameters drive the batch-mode cond (the kept branch) in both forms.
+        key = _keys_with_gate(0.5, True)
+        out, _ = Net(rate=0.5, branch_factory=branch_factory).apply(
+            variables, X, train=True, rng=key, mutable=["batch_stats"]
+        )
+        reference, _ = Net(rate=0.5).apply(
+            variables, X, train=True, rng=key, mutable=["batch_stats"]
+        )
+        chex.assert_trees_all_equal(out, reference)
 
     def test_setup_style_branch(self):
         class SetupNet(nn.Module):
@@ -171,7 +197,7 @@ class DropPathResidualTest(chex.TestCase, parameterized.TestCase):
 
         new_params, new_stats, _, grads = train_step(params, batch_stats, opt_state, key)
         branch_grads = grads["DropPathResidual_0"]["branch"]
-        grad_norm = optax.global_norm(branch_grads)
+        grad_norm = optax.tree.norm(branch_grads)
         old_branch = params["DropPathResidual_0"]["branch"]
         new_branch = new_params["DropPathResidual_0"]["branch"]
         if gate:
@@ -245,8 +271,17 @@ class DropPathResidualTest(chex.TestCase, parameterized.TestCase):
         variables = _init(net)
         out, _ = net.apply(variables, X, train=True, rng=_key(3), mutable=["batch_stats"])
         h = nn.Dense(4).apply({"params": variables["params"]["Dense_0"]}, X)
-        kept = ops.drop_path(jnp.ones((8, 1)), 0.5, key=_key(3)) != 0
-        chex.assert_trees_all_close(jnp.where(kept, h, out), h)  # dropped samples: shortcut
+        branch_vars = {
+            "params": variables["params"]["DropPathResidual_0"]["branch"],
+            "batch_stats": variables["batch_stats"]["DropPathResidual_0"]["branch"],
+        }
+        # Row mode computes the branch on the whole batch (its batch statistics), then masks.
+        branch_out, _ = Branch().apply(branch_vars, h, train=True, mutable=["batch_stats"])
+        kept = np.asarray(ops.drop_path(jnp.ones((8,)), 0.5, key=_key(3)) != 0)
+        self.assertTrue(kept.any() and not kept.all(), kept)  # some rows kept, some dropped
+        expected = h + jnp.where(kept[:, None], branch_out, 0.0)  # dropped rows: the shortcut
+        chex.assert_trees_all_close(out, expected, rtol=1e-6, atol=1e-6)
+        self.assertTrue(bool(jnp.all(jnp.any(branch_out[kept] != 0, axis=1))))
 
     def test_traced_rate_in_scan(self):
         class Block(nn.Module):
@@ -268,26 +303,51 @@ class DropPathResidualTest(chex.TestCase, parameterized.TestCase):
                 )
                 return scan()(h, (rates, jnp.arange(rates.shape[0])))[0]
 
-        h = jnp.ones((4, 4))
+        h = jax.random.normal(_key(7), (4, 4))
         rngs = {"params": _key(0), "dropout": _key(1)}
-        for rates in (jnp.array([0.0, 0.0]), jnp.array([1.0, 1.0])):
-            variables = Stage().init(rngs, h, rates)
-            out, new = jax.jit(
-                lambda v, r: Stage().apply(v, h, r, rngs={"dropout": _key(1)}, mutable=True)
-            )(variables, rates)
-            chex.assert_tree_all_finite(out)
-            if float(rates[0]) == 1.0:  # every block dropped: identity, stats untouched
-                chex.assert_trees_all_equal(out, h)
-                chex.assert_trees_all_equal(new["batch_stats"], variables["batch_stats"])
+        variables = Stage().init(rngs, h, jnp.zeros(2))
+        run = jax.jit(
+            lambda r: Stage().apply(variables, h, r, rngs={"dropout": _key(1)}, mutable=True)
+        )
+        # Rate 0: every block kept, unscaled: h + branch(h), twice.
+        out, new = run(jnp.zeros(2))
+        block = variables["params"]["ScanBlock_0"]["DropPathResidual_0"]["branch"]
+        stats = variables["batch_stats"]["ScanBlock_0"]["DropPathResidual_0"]["branch"]
+        expected = h
+        for i in range(2):
+            branch_vars = jax.tree_util.tree_map(
+                lambda leaf, i=i: leaf[i], {"params": block, "batch_stats": stats}
+            )
+            expected = (
+                expected
+                + Branch().apply(branch_vars, expected, train=True, mutable=["batch_stats"])[0]
+            )
+        chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-5)
+        changed = jax.tree_util.tree_map(
+            lambda a, b: bool(jnp.any(a != b, axis=tuple(range(1, a.ndim))).all()),
+            new["batch_stats"],
+            variables["batch_stats"],
+        )
+        self.assertTrue(all(jax.tree_util.tree_leaves(changed)))  # both blocks ran
+        # Rate 1: every block dropped: the identity, statistics untouched.
+        out, new = run(jnp.ones(2))
+        chex.assert_trees_all_equal(out, h)
+        chex.assert_trees_all_equal(new["batch_stats"], variables["batch_stats"])
 
     def test_shape_mismatch_and_invalid_fields(self):
         with self.assertRaisesRegex(ValueError, "rate"):
             DropPathResidual(Branch(), rate=2.0)
         with self.assertRaisesRegex(ValueError, "mode"):
             DropPathResidual(Branch(), rate=0.5, mode="sample")
+        with self.assertRaisesRegex(ValueError, "factory returning one"):
+            DropPathResidual(lambda parent: None, rate=0.5)
         net = DropPathResidual(Branch(features=5), rate=0.5)
         with self.assertRaisesRegex(ValueError, "shape"):
             net.init(_key(), jnp.ones((2, 4)), jnp.ones((2, 4)), deterministic=True, train=True)
+        net = DropPathResidual(Branch(), rate=0.5, scale_by_keep=False)
+        ints = jnp.ones((2, 4), jnp.int32)
+        with self.assertRaisesRegex(ValueError, "floating-point shortcut, got dtype int32"):
+            net.init(_key(), jnp.ones((2, 4)), ints, deterministic=True, train=True)
 
 
 if __name__ == "__main__":

@@ -80,11 +80,34 @@ def eval_apply(model):
     return jax.jit(lambda variables, x: model.apply(variables, x, train=False))
 
 
+@functools.cache
+def scaled_train_apply(model):
+    """Like :func:`train_apply` with a traced ``drop_rate_scale`` argument."""
+
+    def fn(variables, x, key, scale):
+        logits, updates = model.apply(
+            variables,
+            x,
+            train=True,
+            drop_rate_scale=scale,
+            rngs={"dropout": key},
+            mutable=["batch_stats"],
+        )
+        return logits, updates["batch_stats"]
+
+    return jax.jit(fn)
+
+
 @pytest.fixture(scope="module")
 def cifar_variables():
-    """Unrolled-layout variables of cifar_resnet20 for 2x8x8x3 inputs, and the inputs."""
+    """Variables of ``models.create("cifar_resnet20")`` (scanned layout) for 2x8x8x3 inputs."""
     x = tiny_images()
     return init(models.create("cifar_resnet20"), x), x
+
+
+def layout_variables(variables, scan_blocks):
+    """Scanned-layout ``variables`` in the layout of a ``scan_blocks`` model."""
+    return variables if scan_blocks else models.scan_to_unrolled(variables)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -110,7 +133,7 @@ def test_names_cover_all_families():
 )
 def test_reference_parameter_counts(name, size, expected):
     # Unrolled layout here; the scanned layout is counted in test_every_model_parameter_count.
-    assert count_params(models.create(name), size) == expected
+    assert count_params(models.create(name, scan_blocks=False), size) == expected
 
 
 # Reference sizes (1000 classes for ImageNet models, 10 for CIFAR): torchvision's ResNets and the
@@ -142,9 +165,9 @@ PARAMETER_COUNTS = {
 def test_every_model_parameter_count():
     counts = {}
     for name in models.names():
-        # Scanned layouts trace fast; the count is the same (see above).
+        # The default (scanned) layout traces fast; the count is the same (see above).
         size = 32 if name.startswith("cifar") else 64
-        counts[name] = count_params(models.create(name, scan_blocks=True), size)
+        counts[name] = count_params(models.create(name), size)
     assert counts == PARAMETER_COUNTS
 
 
@@ -194,9 +217,9 @@ def test_cifar_resnet_shapes_train_and_eval(cifar_variables):
     assert eval_logits.shape == (2, 10) and eval_logits.dtype == jnp.float32
     # Train mode normalizes with batch statistics (and drops blocks); eval does neither.
     assert not np.allclose(logits, eval_logits, atol=1e-3)
-    # Eval is deterministic; training is deterministic given the key.
-    np.testing.assert_array_equal(eval_logits, eval_apply(model)(variables, x))
-    np.testing.assert_array_equal(logits, train_apply(model)(variables, x, DROPOUT_KEY)[0])
+    # Another key draws other gates (the same key the same ones: see the batch_gates tests).
+    other_logits, _ = train_apply(model)(variables, x, jax.random.fold_in(DROPOUT_KEY, 1))
+    assert not np.allclose(logits, other_logits, atol=1e-3)
     assert jax.tree_util.tree_structure(new_stats) == jax.tree_util.tree_structure(
         variables["batch_stats"]
     )
@@ -290,7 +313,7 @@ def test_rate_zero_train_and_eval_differ_only_by_batch_norm(cifar_variables):
 def test_batch_mode_compiles_to_a_conditional_and_row_mode_does_not():
     x = tiny_images()
     for drop_mode, expect_cond in (("batch", True), ("row", False)):
-        model = models.create("cifar_resnet20", drop_mode=drop_mode, scan_blocks=True)
+        model = models.create("cifar_resnet20", drop_mode=drop_mode)  # scanned by default
         variables = jax.eval_shape(model.init, jax.random.key(0), x)
         jaxpr = str(
             jax.make_jaxpr(
@@ -306,14 +329,14 @@ def test_batch_mode_compiles_to_a_conditional_and_row_mode_does_not():
 @pytest.mark.parametrize("drop_mode", ["batch", "row"])
 def test_scan_and_unrolled_agree(cifar_variables, drop_mode):
     """Same parameters and dropout key: same logits and BatchNorm updates in both layouts."""
-    variables, x = cifar_variables
+    scan_variables, x = cifar_variables
     # Batch mode: the defaults (linear decay to 0.5); row mode: uniform 0.5.
     kwargs = {} if drop_mode == "batch" else dict(drop_schedule="uniform", drop_mode="row")
-    unrolled = models.create("cifar_resnet20", **kwargs)
-    scanned = models.create("cifar_resnet20", scan_blocks=True, **kwargs)
-    scan_variables = models.unrolled_to_scan(variables)
-    assert jax.tree_util.tree_structure(scan_variables) == jax.tree_util.tree_structure(
-        jax.eval_shape(scanned.init, jax.random.key(0), x)
+    scanned = models.create("cifar_resnet20", **kwargs)
+    unrolled = models.create("cifar_resnet20", scan_blocks=False, **kwargs)
+    variables = models.scan_to_unrolled(scan_variables)
+    assert jax.tree_util.tree_structure(variables) == jax.tree_util.tree_structure(
+        jax.eval_shape(unrolled.init, jax.random.key(0), x)
     )
     logits, stats = train_apply(unrolled)(variables, x, DROPOUT_KEY)
     scan_logits, scan_stats = train_apply(scanned)(scan_variables, x, DROPOUT_KEY)
@@ -333,7 +356,7 @@ def test_scan_and_unrolled_agree(cifar_variables, drop_mode):
             rtol=1e-5,
             atol=1e-5,
         )
-        rematted = models.create("cifar_resnet20", scan_blocks=True, remat=True)
+        rematted = models.create("cifar_resnet20", remat=True)
         remat_logits, _ = train_apply(rematted)(scan_variables, x, DROPOUT_KEY)
         np.testing.assert_allclose(remat_logits, logits, rtol=1e-5, atol=1e-5)
 
@@ -351,25 +374,71 @@ def blocks_that_ran(old_stats, new_stats):
     return [max_abs_diff(new_stats[n], old_stats[n]) > 0 for _, n in names]
 
 
+def blocks_that_ran_in_layout(variables, new_stats, scan_blocks):
+    """:func:`blocks_that_ran` for variables and updated statistics of either layout."""
+    if scan_blocks:
+        variables, new_stats = (
+            models.scan_to_unrolled(variables),
+            models.scan_to_unrolled(new_stats),
+        )
+    return blocks_that_ran(variables["batch_stats"], new_stats)
+
+
 @pytest.mark.parametrize("scan_blocks", [False, True])
 def test_batch_gates_are_the_blocks_a_step_computes(cifar_variables, scan_blocks):
     """batch_gates(model, key) == the blocks whose BatchNorm statistics the step updates."""
-    unrolled_variables, x = cifar_variables
+    variables = layout_variables(cifar_variables[0], scan_blocks)
+    x = cifar_variables[1]
     model = models.create("cifar_resnet20", scan_blocks=scan_blocks)  # batch mode, linear 0.5
-    variables = models.unrolled_to_scan(unrolled_variables) if scan_blocks else unrolled_variables
     seen = set()
     for seed in range(6):
         key = jax.random.fold_in(DROPOUT_KEY, seed)
         gates = models.batch_gates(model, key)
         assert gates.shape == (9,) and gates.dtype == jnp.bool_
         _, stats = train_apply(model)(variables, x, key)
-        if scan_blocks:
-            stats = models.scan_to_unrolled(stats)
-        ran = blocks_that_ran(unrolled_variables["batch_stats"], stats)
-        assert ran == list(np.asarray(gates)), seed
+        assert blocks_that_ran_in_layout(variables, stats, scan_blocks) == list(np.asarray(gates))
         seen.add(tuple(np.asarray(gates)))
     # Different keys draw different gates, and some blocks are dropped.
     assert len(seen) > 1 and not all(all(g) for g in seen)
+
+
+@pytest.mark.parametrize("scan_blocks", [False, True])
+def test_drop_rate_scale_multiplies_every_block_rate(cifar_variables, scan_blocks):
+    """Scale 0: nothing dropped; scale 1: the unscaled step; 0.5: the gates of batch_gates."""
+    variables = layout_variables(cifar_variables[0], scan_blocks)
+    x = cifar_variables[1]
+    model = models.create("cifar_resnet20", scan_blocks=scan_blocks)  # batch mode, linear 0.5
+    step = scaled_train_apply(model)  # the scale is a traced argument
+    logits, stats = train_apply(model)(variables, x, DROPOUT_KEY)
+    one_logits, one_stats = step(variables, x, DROPOUT_KEY, jnp.float32(1.0))
+    np.testing.assert_allclose(one_logits, logits, rtol=1e-6, atol=1e-6)
+    assert max_abs_diff(one_stats, stats) < 1e-6
+    assert not all(blocks_that_ran_in_layout(variables, stats, scan_blocks))
+    _, zero_stats = step(variables, x, DROPOUT_KEY, jnp.float32(0.0))
+    assert all(blocks_that_ran_in_layout(variables, zero_stats, scan_blocks))
+    assert bool(jnp.all(models.batch_gates(model, DROPOUT_KEY, drop_rate_scale=0.0)))
+    half = jnp.float32(0.5)
+    gates_of = jax.jit(lambda key, scale: models.batch_gates(model, key, drop_rate_scale=scale))
+    ran_counts = []
+    for seed in range(4):
+        key = jax.random.fold_in(DROPOUT_KEY, seed)
+        gates = gates_of(key, half)
+        _, half_stats = step(variables, x, key, half)
+        ran = blocks_that_ran_in_layout(variables, half_stats, scan_blocks)
+        assert ran == list(np.asarray(gates)), seed
+        ran_counts.append(sum(ran))
+    assert min(ran_counts) < 9
+
+
+@pytest.mark.parametrize("scale", [-0.5, float("nan"), True, "1", np.ones(2)])
+def test_invalid_drop_rate_scale_is_a_clear_error(scale):
+    model = models.create("cifar_resnet20")
+    with pytest.raises(ValueError, match="drop_rate_scale"):
+        models.batch_gates(model, DROPOUT_KEY, drop_rate_scale=scale)
+    x = tiny_images()
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    with pytest.raises(ValueError, match="drop_rate_scale"):
+        jax.eval_shape(lambda v: model.apply(v, x, drop_rate_scale=scale), variables)
 
 
 def test_batch_gates_of_efficientnet_keep_blocks_without_identity_shortcut():
@@ -383,18 +452,30 @@ def test_batch_gates_of_efficientnet_keep_blocks_without_identity_shortcut():
     assert droppable.count(False) == 7 and not droppable[0] and droppable[-2]
     gates = models.batch_gates(model, DROPOUT_KEY)
     _, stats = train_apply(model)(variables, x, DROPOUT_KEY)
-    assert blocks_that_ran(variables["batch_stats"], stats) == list(np.asarray(gates))
+    assert blocks_that_ran_in_layout(variables, stats, model.scan_blocks) == list(np.asarray(gates))
     assert all(g for g, d in zip(np.asarray(gates), droppable, strict=True) if not d)
     assert not all(np.asarray(gates))
 
 
+def test_create_builds_the_fast_path():
+    """A model from create(name) has scanned stages and the automatic convolution, no switch."""
+    model = models.create("cifar_resnet20")
+    assert model.scan_blocks is True and model.conv_impl == "auto"
+    params = jax.eval_shape(model.init, jax.random.key(0), tiny_images())["params"]
+    kernel = params["stage1_rest"]["residual"]["branch"]["conv1"]["kernel"]
+    assert kernel.shape == (2, 3, 3, 16, 16)  # blocks 1..2 of stage 1, stacked
+    assert "stage1_block1" not in params and "stage1_block0" in params
+
+
 def test_layout_converters_round_trip(cifar_variables):
     variables, _ = cifar_variables
-    scanned = common.unrolled_to_scan(variables)
-    kernel = scanned["params"]["stage1_rest"]["residual"]["branch"]["conv1"]["kernel"]
-    assert kernel.shape == (2, 3, 3, 16, 16)
-    assert "stage1_block1" not in scanned["params"]
-    assert max_abs_diff(common.scan_to_unrolled(scanned), variables) == 0
+    unrolled = common.scan_to_unrolled(variables)
+    assert "stage1_rest" not in unrolled["params"]
+    kernel = unrolled["params"]["stage1_block2"]["residual"]["branch"]["conv1"]["kernel"]
+    np.testing.assert_array_equal(
+        kernel, variables["params"]["stage1_rest"]["residual"]["branch"]["conv1"]["kernel"][1]
+    )
+    assert max_abs_diff(common.unrolled_to_scan(unrolled), variables) == 0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -420,6 +501,8 @@ def test_unknown_name_lists_valid_names():
         (dict(scan_blocks="yes"), "scan_blocks"),
         (dict(num_classes=0), "num_classes"),
         (dict(dtype=jnp.int32), "dtype"),
+        (dict(bn_momentum=1.5), "bn_momentum.*1.5"),
+        (dict(bn_epsilon=0.0), "bn_epsilon.*> 0"),
         (dict(depth=56), "depth is fixed"),
     ],
 )

@@ -88,3 +88,19 @@ def test_edges_and_dtypes(dtype):
     chex.assert_tree_all_finite(grad)
     assert StochasticDepth(0.3)(x, rngs=key).dtype == dtype
     assert Dropout(0.3)(x, rngs=key).dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "layer, deterministic",
+    [
+        (StochasticDepth(0.3, mode="row", scale_by_keep=False), True),
+        (StochasticDepth(0.3), False),
+        (StochasticDepth(0.0), False),
+        (Dropout(0.3), True),
+        (Dropout(0.0), False),
+    ],
+)
+def test_integer_input_is_an_error_on_every_path(layer, deterministic):
+    x = jnp.arange(12, dtype=jnp.int32).reshape(4, 3)
+    with pytest.raises(ValueError, match="floating-point input, got dtype int32"):
+        layer(x, deterministic=deterministic, rngs=jax.random.key(0))

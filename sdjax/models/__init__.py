@@ -1,7 +1,7 @@
 """sdjax models: the paper's CIFAR ResNets, ImageNet ResNets and EfficientNet B0-B7.
 
 Every model is a Flax Linen module with stochastic depth wired in (see
-:class:`sdjax.models.common.StochasticDepthFields` for the fields they share)::
+:class:`sdjax.models.base.StochasticDepthFields` for the fields they share)::
 
     import jax, jax.numpy as jnp
     import sdjax.models
@@ -10,6 +10,16 @@ Every model is a Flax Linen module with stochastic depth wired in (see
     variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
     logits, updates = model.apply(variables, images, train=True,
                                   rngs={"dropout": key}, mutable=["batch_stats"])
+
+``create`` gives the fast path with no switch: each stage's identical blocks are scanned
+(``scan_blocks=True``; :func:`scan_to_unrolled` / :func:`unrolled_to_scan` convert variables to
+and from the one-submodule-per-block layout) and convolutions use ``conv_impl="auto"``.
+``model.apply(..., drop_rate_scale=s)`` multiplies every block's drop rate by ``s`` (e.g. a
+warm-up); :func:`batch_gates` with the same ``s`` gives the gates such a step draws.
+
+Files: ``base.py`` (shared fields, checks, rates), ``blocks.py`` (the block contract and its
+residual helper), ``conv_norm.py`` (convolution, shortcut), ``stages.py`` (scan/unrolled stages,
+layout converters), ``gates.py`` (:func:`batch_gates`), one file per family.
 
 Registered names (:func:`names`): ``cifar_resnet{20,32,44,56,110,152,1202}``,
 ``resnet{18,34,50,101,152}``, ``efficientnet_b{0..7}``. This package imports neither TensorFlow
@@ -23,18 +33,15 @@ from typing import Any
 
 import flax.linen as nn
 
+from sdjax.models.base import dataclass_fields
 from sdjax.models.cifar_resnet import DEPTHS as CIFAR_DEPTHS
 from sdjax.models.cifar_resnet import CifarResNet
-from sdjax.models.common import (
-    batch_gates,
-    dataclass_fields,
-    scan_to_unrolled,
-    unrolled_to_scan,
-)
 from sdjax.models.efficientnet import VARIANTS as EFFICIENTNET_VARIANTS
 from sdjax.models.efficientnet import EfficientNet
+from sdjax.models.gates import batch_gates
 from sdjax.models.resnet import STAGE_SIZES as RESNET_DEPTHS
 from sdjax.models.resnet import ResNet
+from sdjax.models.stages import scan_to_unrolled, unrolled_to_scan
 
 __all__ = [
     "CifarResNet",
@@ -74,7 +81,7 @@ def create(name: str, **overrides: Any) -> nn.Module:
       name: one of :func:`names`, e.g. ``"cifar_resnet110"``, ``"resnet50"``,
         ``"efficientnet_b0"``.
       **overrides: model fields, e.g. ``final_drop_rate=0.0``, ``drop_mode="row"``,
-        ``num_classes=100``, ``scan_blocks=True``, ``dtype=jnp.bfloat16``.
+        ``num_classes=100``, ``scan_blocks=False``, ``dtype=jnp.bfloat16``.
 
     Returns:
       An unbound Flax Linen module.

@@ -18,21 +18,21 @@ dropped; block ``l = 1..L`` gets the schedule's rate (by default the paper's lin
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sdjax.models.common import (
-    Conv,
+from sdjax.models.base import (
     StochasticDepthFields,
-    apply_stage,
-    batch_norm,
+    check_drop_rate_scale,
     check_input,
     model_key,
-    pad_channels_shortcut,
-    relu_residual,
 )
+from sdjax.models.blocks import ModuleDef, ResidualBlock
+from sdjax.models.conv_norm import pad_channels_shortcut
+from sdjax.models.stages import apply_stage
 
 __all__ = ["CifarResNet", "CifarResNetBlock", "DEPTHS"]
 
@@ -45,106 +45,50 @@ class _BasicBranch(nn.Module):
 
     features: int
     strides: int
-    train: bool
-    bn_momentum: float
-    bn_epsilon: float
-    dtype: Any
-    conv_impl: str
+    conv: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
     def __call__(self, x):
-        def norm(name):
-            return batch_norm(
-                self.train,
-                momentum=self.bn_momentum,
-                epsilon=self.bn_epsilon,
-                dtype=self.dtype,
-                name=name,
-            )
-
-        def conv(strides, name):
-            return Conv(
-                self.features, (3, 3), strides, dtype=self.dtype, impl=self.conv_impl, name=name
-            )
-
-        y = conv(self.strides, "conv1")(x)
-        y = nn.relu(norm("bn1")(y))
-        y = conv(1, "conv2")(y)
-        return norm("bn2")(y)
+        y = self.conv(self.features, (3, 3), self.strides, name="conv1")(x)
+        y = nn.relu(self.norm(name="bn1")(y))
+        y = self.conv(self.features, (3, 3), 1, name="conv2")(y)
+        return self.norm(name="bn2")(y)
 
 
-class CifarResNetBlock(nn.Module):
+class CifarResNetBlock(ResidualBlock):
     """A basic block with a parameter-free shortcut and stochastic depth.
 
-    ``relu(shortcut(x) + drop_path(branch(x)))``; see :class:`sdjax.layers.DropPathResidual`.
-    Called as ``block(x, rate, block_index, key)``: ``rate`` is the drop probability (a Python
-    float, or a traced 0-d array inside ``nn.scan``), ``key`` the model's stochastic-depth key
-    (None: deterministic) from which the block's gate key is ``fold_in(key, block_index)``.
+    ``relu(shortcut(x) + drop_path(branch(x)))``; called as ``block(x, rate, block_index, key)``
+    (see :mod:`sdjax.models.blocks`).
     """
-
-    features: int
-    strides: int = 1
-    train: bool = False
-    drop_mode: str = "batch"
-    scale_by_keep: bool = False
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    dtype: Any = jnp.float32
-    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, rate, block_index, key):
         shortcut = pad_channels_shortcut(x, self.features, self.strides)
-        branch = _BasicBranch(
-            self.features,
-            self.strides,
-            self.train,
-            self.bn_momentum,
-            self.bn_epsilon,
-            self.dtype,
-            self.conv_impl,
-        )
-        return relu_residual(self, branch, x, shortcut, rate, block_index, key)
+        branch = functools.partial(_BasicBranch, self.features, self.strides, self.conv, self.norm)
+        return nn.relu(self.residual(branch, x, shortcut, rate, block_index, key))
 
 
-class CifarResNet(nn.Module, StochasticDepthFields):
+class CifarResNet(StochasticDepthFields):
     """CIFAR ResNet of depth ``6n + 2`` with stochastic depth (the paper's defaults).
 
     Attributes:
-      depth: ``6n + 2`` (20, 32, 44, 56, 110, 1202, ...).
-      num_classes: number of logits (10).
-      final_drop_rate: drop rate of the last block (0.5; 0 = constant depth).
-      drop_schedule: ``"linear"`` (paper), ``"uniform"`` or ``"efficientnet"``.
-      drop_mode: ``"batch"`` (paper: skip the block for the whole batch) or ``"row"``.
-      scale_by_keep: False (paper: the branch is scaled by ``1 - rate`` at eval time).
-      scan_blocks: ``nn.scan`` over the identical blocks of each stage (False).
-      remat: ``nn.remat`` per block (False).
-      dtype: compute dtype (float32); parameters float32, logits float32.
-      conv_impl: ``"auto"`` | ``"fast"`` | ``"xla"``.
-      input_channels: channels of the input images (3).
+      depth: ``6n + 2`` (20, 32, 44, 56, 110, 1202, ...; 110).
       widths: filters of the three stages ((16, 32, 64)).
-      bn_momentum / bn_epsilon: BatchNorm (0.9 / 1e-5, Torch's 0.1 / 1e-5).
+      The shared fields (keyword-only) with their defaults -- 10 classes, the paper's linear
+      decay to ``final_drop_rate=0.5``, ``drop_mode="batch"``, eval-time scaling, scanned
+      blocks, BatchNorm 0.9 / 1e-5 (Torch's 0.1 / 1e-5) -- are those of
+      :class:`sdjax.models.base.StochasticDepthFields`.
 
-    Call: ``model.apply(variables, x, train=..., rngs={"dropout": key},
+    Call: ``model.apply(variables, x, train=..., drop_rate_scale=None, rngs={"dropout": key},
     mutable=["batch_stats"])`` with ``x`` float ``(N, H, W, input_channels)``, ``H, W >= 4``;
     returns float32 logits ``(N, num_classes)``. In training with ``final_drop_rate > 0`` one key
     is drawn from the ``"dropout"`` collection per call.
     """
 
     depth: int = 110
-    num_classes: int = 10
-    final_drop_rate: float = 0.5
-    drop_schedule: str = "linear"
-    drop_mode: str = "batch"
-    scale_by_keep: bool = False
-    scan_blocks: bool = False
-    remat: bool = False
-    dtype: Any = jnp.float32
-    conv_impl: str = "auto"
-    input_channels: int = 3
     widths: tuple[int, int, int] = (16, 32, 64)
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
 
     def __post_init__(self):
         if (
@@ -164,7 +108,6 @@ class CifarResNet(nn.Module, StochasticDepthFields):
             raise ValueError(
                 f"CifarResNet: widths must not decrease (zero-padding shortcut), got {widths}."
             )
-        self._check_common_fields()
         super().__post_init__()
 
     @property
@@ -178,43 +121,33 @@ class CifarResNet(nn.Module, StochasticDepthFields):
         return 3 * self.blocks_per_stage
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
-        """Returns float32 logits ``(N, num_classes)`` for float images ``(N, H, W, C)``."""
+    def __call__(self, x, train: bool = False, drop_rate_scale: Any = None):
+        """Returns float32 logits ``(N, num_classes)`` for float images ``(N, H, W, C)``.
+
+        ``drop_rate_scale``: None, or a float32 scalar (may be traced) multiplying every block's
+        drop rate (e.g. a warm-up from 0 to 1); see :func:`sdjax.models.base.scale_rate`.
+        """
         x = check_input(x, model="CifarResNet", input_channels=self.input_channels, min_size=4)
+        scale = check_drop_rate_scale(drop_rate_scale, "CifarResNet")
         rates = self.block_rates(self.num_blocks)
         key = model_key(self, train and max(rates) > 0)
-        x = Conv(self.widths[0], (3, 3), dtype=self.dtype, impl=self.conv_impl, name="stem_conv")(x)
-        x = batch_norm(
-            train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            name="stem_bn",
-        )(x)
-        x = nn.relu(x)
-        common = dict(
-            train=train,
-            drop_mode=self.drop_mode,
-            scale_by_keep=self.scale_by_keep,
-            bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            conv_impl=self.conv_impl,
-        )
+        defs = self.block_defs(train)
+        x = defs["conv"](self.widths[0], (3, 3), name="stem_conv")(x)
+        x = nn.relu(defs["norm"](name="stem_bn")(x))
         n = self.blocks_per_stage
         for stage, features in enumerate(self.widths):
-            strides = 1 if stage == 0 else 2
             x = apply_stage(
                 CifarResNetBlock,
                 x,
                 name=f"stage{stage + 1}",
-                first_kwargs=dict(features=features, strides=strides, **common),
-                rest_kwargs=dict(features=features, strides=1, **common),
+                first_kwargs=dict(features=features, strides=1 if stage == 0 else 2, **defs),
+                rest_kwargs=dict(features=features, **defs),
                 rates=rates[stage * n : (stage + 1) * n],
                 first_index=stage * n,
                 key=key,
                 scan_blocks=self.scan_blocks,
                 remat=self.remat,
+                drop_rate_scale=scale,
             )
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)

@@ -25,6 +25,7 @@ BatchNorm uses momentum 0.99 and epsilon 1e-3. EfficientNet-B0 has 5,288,548 par
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -32,15 +33,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdjax.layers import Dropout, DropPathResidual
-from sdjax.models.common import (
-    Conv,
+from sdjax.layers import Dropout
+from sdjax.models.base import (
     StochasticDepthFields,
-    apply_stage,
-    batch_norm,
+    check_drop_rate_scale,
     check_input,
     model_key,
+    override,
 )
+from sdjax.models.blocks import ModuleDef, ResidualBlock
+from sdjax.models.stages import apply_stage
 from sdjax.ops import check_rate
 
 __all__ = [
@@ -129,122 +131,73 @@ class _MBConvBranch(nn.Module):
     strides: int
     expand_ratio: int
     se_ratio: float
-    train: bool
-    bn_momentum: float
-    bn_epsilon: float
-    dtype: Any
-    conv_impl: str
+    conv: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
     def __call__(self, x):
-        def conv(features, kernel, strides=1, groups=1, use_bias=False, name=None):
-            return Conv(
-                features,
-                (kernel, kernel),
-                strides,
-                feature_group_count=groups,
-                use_bias=use_bias,
-                dtype=self.dtype,
-                impl=self.conv_impl,
-                name=name,
-            )
-
-        def norm(name):
-            return batch_norm(
-                self.train,
-                momentum=self.bn_momentum,
-                epsilon=self.bn_epsilon,
-                dtype=self.dtype,
-                name=name,
-            )
-
+        conv, norm = self.conv, self.norm
         in_features = x.shape[-1]
         expanded = in_features * self.expand_ratio
         y = x
         if self.expand_ratio != 1:
-            y = nn.silu(norm("expand_bn")(conv(expanded, 1, name="expand_conv")(y)))
-        y = conv(expanded, self.kernel_size, self.strides, groups=expanded, name="dw_conv")(y)
-        y = nn.silu(norm("dw_bn")(y))
+            y = nn.silu(norm(name="expand_bn")(conv(expanded, (1, 1), name="expand_conv")(y)))
+        kernel = (self.kernel_size, self.kernel_size)
+        y = conv(expanded, kernel, self.strides, feature_group_count=expanded, name="dw_conv")(y)
+        y = nn.silu(norm(name="dw_bn")(y))
         if self.se_ratio:
             reduced = max(1, int(in_features * self.se_ratio))
             s = jnp.mean(y, axis=(1, 2), keepdims=True)
-            s = nn.silu(conv(reduced, 1, use_bias=True, name="se_reduce")(s))
-            s = nn.sigmoid(conv(expanded, 1, use_bias=True, name="se_expand")(s))
+            s = nn.silu(conv(reduced, (1, 1), use_bias=True, name="se_reduce")(s))
+            s = nn.sigmoid(conv(expanded, (1, 1), use_bias=True, name="se_expand")(s))
             y = y * s
-        return norm("project_bn")(conv(self.features, 1, name="project_conv")(y))
+        return norm(name="project_bn")(conv(self.features, (1, 1), name="project_conv")(y))
 
 
-class MBConvBlock(nn.Module):
+class MBConvBlock(ResidualBlock):
     """An MBConv block; with an identity shortcut (stride 1, equal filters) it can be dropped.
 
-    Called as ``block(x, rate, block_index, key)`` (see
-    :class:`sdjax.models.cifar_resnet.CifarResNetBlock`); ``rate`` is ignored (no dropping) for a
-    block without an identity shortcut.
+    Called as ``block(x, rate, block_index, key)`` (see :mod:`sdjax.models.blocks`); a block
+    without an identity shortcut is just its branch and ignores ``rate``.
     """
 
-    features: int
     kernel_size: int = 3
-    strides: int = 1
     expand_ratio: int = 6
     se_ratio: float = SE_RATIO
-    train: bool = False
-    drop_mode: str = "row"
-    scale_by_keep: bool = True
-    bn_momentum: float = 0.99
-    bn_epsilon: float = 1e-3
-    dtype: Any = jnp.float32
-    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, rate, block_index, key):
-        identity = self.strides == 1 and x.shape[-1] == self.features
-        branch = _MBConvBranch(
+        branch = functools.partial(
+            _MBConvBranch,
             self.features,
             self.kernel_size,
             self.strides,
             self.expand_ratio,
             self.se_ratio,
-            self.train,
-            self.bn_momentum,
-            self.bn_epsilon,
-            self.dtype,
-            self.conv_impl,
+            self.conv,
+            self.norm,
         )
-        if not identity:
-            return branch(x)
-        return DropPathResidual(
-            branch=branch,
-            rate=rate,
-            mode=self.drop_mode,
-            scale_by_keep=self.scale_by_keep,
-            name="residual",
-        )(
-            x,
-            x,
-            deterministic=key is None,
-            rng=None if key is None else jax.random.fold_in(key, block_index),
-        )
+        if self.strides != 1 or x.shape[-1] != self.features:
+            return branch()(x)
+        return self.residual(branch, x, x, rate, block_index, key)
 
 
-class EfficientNet(nn.Module, StochasticDepthFields):
+class EfficientNet(StochasticDepthFields):
     """EfficientNet (B0 by default; the registry sets the variant coefficients).
 
     Attributes:
       width_coefficient / depth_coefficient: the variant's scaling (1.0 / 1.0 for B0).
       image_size: the variant's training resolution (224 for B0); informational, any size
         ``>= 32`` is accepted.
-      dropout_rate: dropout before the classifier (0.2 for B0).
-      num_classes: number of logits (1000).
-      final_drop_rate: the reference ``drop_connect_rate`` (0.2).
-      drop_schedule: ``"efficientnet"`` (reference: ``rate * b / L``), ``"linear"`` or
-        ``"uniform"``; rates apply to identity-shortcut blocks only.
-      drop_mode: ``"row"`` (reference) or ``"batch"``.
-      scale_by_keep: True (reference: kept samples divided by ``1 - rate``).
-      scan_blocks / remat / dtype / conv_impl / input_channels: see
-        :class:`sdjax.models.common.StochasticDepthFields`.
-      bn_momentum / bn_epsilon: BatchNorm (0.99 / 1e-3).
+      dropout_rate: dropout before the classifier (0.2 for B0; not scaled by
+        ``drop_rate_scale``).
+      The shared fields (keyword-only) are those of
+      :class:`sdjax.models.base.StochasticDepthFields`, with the reference's defaults here:
+      ``num_classes=1000``, ``final_drop_rate=0.2`` (the reference ``drop_connect_rate``),
+      ``drop_schedule="efficientnet"`` (``rate * b / L``; rates apply to identity-shortcut
+      blocks only), ``drop_mode="row"``, ``scale_by_keep=True``, BatchNorm 0.99 / 1e-3.
 
-    Call: ``model.apply(variables, x, train=..., rngs={"dropout": key},
+    Call: ``model.apply(variables, x, train=..., drop_rate_scale=None, rngs={"dropout": key},
     mutable=["batch_stats"])`` with ``x`` float ``(N, H, W, input_channels)``, ``H, W >= 32``;
     returns float32 logits ``(N, num_classes)``.
     """
@@ -253,18 +206,13 @@ class EfficientNet(nn.Module, StochasticDepthFields):
     depth_coefficient: float = 1.0
     image_size: int = 224
     dropout_rate: float = 0.2
-    num_classes: int = 1000
-    final_drop_rate: float = 0.2
-    drop_schedule: str = "efficientnet"
-    drop_mode: str = "row"
-    scale_by_keep: bool = True
-    scan_blocks: bool = False
-    remat: bool = False
-    dtype: Any = jnp.float32
-    conv_impl: str = "auto"
-    input_channels: int = 3
-    bn_momentum: float = 0.99
-    bn_epsilon: float = 1e-3
+    num_classes: int = override(1000)
+    final_drop_rate: float = override(0.2)
+    drop_schedule: str = override("efficientnet")
+    drop_mode: str = override("row")
+    scale_by_keep: bool = override(True)
+    bn_momentum: float = override(0.99)
+    bn_epsilon: float = override(1e-3)
 
     def __post_init__(self):
         for field in ("width_coefficient", "depth_coefficient"):
@@ -277,7 +225,6 @@ class EfficientNet(nn.Module, StochasticDepthFields):
             check_rate(self.dropout_rate, "dropout_rate")
         except ValueError as err:
             raise ValueError(f"EfficientNet: {err}") from None
-        self._check_common_fields()
         super().__post_init__()
 
     def stages(self) -> list[StageSpec]:
@@ -314,62 +261,47 @@ class EfficientNet(nn.Module, StochasticDepthFields):
         return tuple(rates)
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
-        """Returns float32 logits ``(N, num_classes)`` for float images ``(N, H, W, C)``."""
+    def __call__(self, x, train: bool = False, drop_rate_scale: Any = None):
+        """Returns float32 logits ``(N, num_classes)`` for float images ``(N, H, W, C)``.
+
+        ``drop_rate_scale``: None, or a float32 scalar (may be traced) multiplying every block's
+        drop rate; see :func:`sdjax.models.base.scale_rate`.
+        """
         x = check_input(x, model="EfficientNet", input_channels=self.input_channels, min_size=32)
+        scale = check_drop_rate_scale(drop_rate_scale, "EfficientNet")
         stages = self.stages()
         num_blocks = sum(spec.repeats for spec in stages)
         rates = list(self.effective_block_rates())
         key = model_key(self, train and (max(rates) > 0 or self.dropout_rate > 0))
-
-        def norm(name):
-            return batch_norm(
-                train,
-                momentum=self.bn_momentum,
-                epsilon=self.bn_epsilon,
-                dtype=self.dtype,
-                name=name,
-            )
-
+        defs = self.block_defs(train)
+        conv, norm = defs["conv"], defs["norm"]
         stem_filters = round_filters(STEM_FILTERS, self.width_coefficient)
-        x = Conv(stem_filters, (3, 3), 2, dtype=self.dtype, impl=self.conv_impl, name="stem_conv")(
-            x
-        )
-        x = nn.silu(norm("stem_bn")(x))
-        common = dict(
-            se_ratio=SE_RATIO,
-            train=train,
-            drop_mode=self.drop_mode,
-            scale_by_keep=self.scale_by_keep,
-            bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            conv_impl=self.conv_impl,
-        )
+        x = nn.silu(norm(name="stem_bn")(conv(stem_filters, (3, 3), 2, name="stem_conv")(x)))
         first_index = 0
         for stage, spec in enumerate(stages):
             block = dict(
                 features=spec.out_filters,
                 kernel_size=spec.kernel_size,
                 expand_ratio=spec.expand_ratio,
-                **common,
+                se_ratio=SE_RATIO,
+                **defs,
             )
             x = apply_stage(
                 MBConvBlock,
                 x,
                 name=f"stage{stage + 1}",
                 first_kwargs=dict(strides=spec.strides, **block),
-                rest_kwargs=dict(strides=1, **block),
+                rest_kwargs=block,
                 rates=rates[first_index : first_index + spec.repeats],
                 first_index=first_index,
                 key=key,
                 scan_blocks=self.scan_blocks,
                 remat=self.remat,
+                drop_rate_scale=scale,
             )
             first_index += spec.repeats
         head_filters = round_filters(HEAD_FILTERS, self.width_coefficient)
-        x = Conv(head_filters, (1, 1), dtype=self.dtype, impl=self.conv_impl, name="head_conv")(x)
-        x = nn.silu(norm("head_bn")(x))
+        x = nn.silu(norm(name="head_bn")(conv(head_filters, (1, 1), name="head_conv")(x)))
         x = jnp.mean(x, axis=(1, 2))
         x = Dropout(rate=self.dropout_rate, name="head_dropout")(
             x,

@@ -19,20 +19,21 @@ decay to ``final_drop_rate = 0.5`` with batch-wise skipping and eval-time scalin
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sdjax.models.common import (
-    Conv,
+from sdjax.models.base import (
     StochasticDepthFields,
-    apply_stage,
-    batch_norm,
+    check_drop_rate_scale,
     check_input,
     model_key,
-    relu_residual,
+    override,
 )
+from sdjax.models.blocks import ModuleDef, ResidualBlock
+from sdjax.models.stages import apply_stage
 
 __all__ = ["ResNet", "ResNetBlock", "STAGE_SIZES"]
 
@@ -45,6 +46,9 @@ STAGE_SIZES: dict[int, tuple[tuple[int, int, int, int], bool]] = {
     152: ((3, 8, 36, 3), True),
 }
 
+#: Explicit padding of the 3x3 convolutions (torchvision's; differs from "SAME" at stride 2).
+_PAD_3X3 = ((1, 1), (1, 1))
+
 
 class _Branch(nn.Module):
     """The residual branch of a basic or bottleneck block."""
@@ -52,130 +56,64 @@ class _Branch(nn.Module):
     features: int
     strides: int
     bottleneck: bool
-    train: bool
-    bn_momentum: float
-    bn_epsilon: float
-    dtype: Any
-    conv_impl: str
+    conv: ModuleDef
+    norm: ModuleDef
 
     @nn.compact
     def __call__(self, x):
-        def conv(features, kernel, strides, name):
-            padding = "SAME" if kernel == 1 else ((1, 1), (1, 1))
-            return Conv(
-                features,
-                (kernel, kernel),
-                strides,
-                padding=padding,
-                dtype=self.dtype,
-                impl=self.conv_impl,
-                name=name,
-            )
-
-        def norm(name):
-            return batch_norm(
-                self.train,
-                momentum=self.bn_momentum,
-                epsilon=self.bn_epsilon,
-                dtype=self.dtype,
-                name=name,
-            )
-
+        conv, norm, features = self.conv, self.norm, self.features
         if self.bottleneck:
-            y = nn.relu(norm("bn1")(conv(self.features, 1, 1, "conv1")(x)))
-            y = nn.relu(norm("bn2")(conv(self.features, 3, self.strides, "conv2")(y)))
-            return norm("bn3")(conv(4 * self.features, 1, 1, "conv3")(y))
-        y = nn.relu(norm("bn1")(conv(self.features, 3, self.strides, "conv1")(x)))
-        return norm("bn2")(conv(self.features, 3, 1, "conv2")(y))
+            y = nn.relu(norm(name="bn1")(conv(features, (1, 1), name="conv1")(x)))
+            y = conv(features, (3, 3), self.strides, padding=_PAD_3X3, name="conv2")(y)
+            y = nn.relu(norm(name="bn2")(y))
+            return norm(name="bn3")(conv(4 * features, (1, 1), name="conv3")(y))
+        y = conv(features, (3, 3), self.strides, padding=_PAD_3X3, name="conv1")(x)
+        y = nn.relu(norm(name="bn1")(y))
+        return norm(name="bn2")(conv(features, (3, 3), padding=_PAD_3X3, name="conv2")(y))
 
 
-class ResNetBlock(nn.Module):
+class ResNetBlock(ResidualBlock):
     """A basic or bottleneck block with stochastic depth; projection shortcut if needed.
 
-    Called as ``block(x, rate, block_index, key)`` (see
-    :class:`sdjax.models.cifar_resnet.CifarResNetBlock`). ``features`` is the base width; a
-    bottleneck block outputs ``4 * features`` channels.
+    Called as ``block(x, rate, block_index, key)`` (see :mod:`sdjax.models.blocks`).
+    ``features`` is the base width; a bottleneck block outputs ``4 * features`` channels.
     """
 
-    features: int
-    strides: int = 1
     bottleneck: bool = False
-    train: bool = False
-    drop_mode: str = "batch"
-    scale_by_keep: bool = False
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    dtype: Any = jnp.float32
-    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, rate, block_index, key):
         out_features = 4 * self.features if self.bottleneck else self.features
         shortcut = x
         if self.strides != 1 or x.shape[-1] != out_features:
-            shortcut = Conv(
-                out_features,
-                (1, 1),
-                self.strides,
-                dtype=self.dtype,
-                impl=self.conv_impl,
-                name="proj_conv",
-            )(x)
-            shortcut = batch_norm(
-                self.train,
-                momentum=self.bn_momentum,
-                epsilon=self.bn_epsilon,
-                dtype=self.dtype,
-                name="proj_bn",
-            )(shortcut)
-        branch = _Branch(
-            self.features,
-            self.strides,
-            self.bottleneck,
-            self.train,
-            self.bn_momentum,
-            self.bn_epsilon,
-            self.dtype,
-            self.conv_impl,
+            shortcut = self.conv(out_features, (1, 1), self.strides, name="proj_conv")(x)
+            shortcut = self.norm(name="proj_bn")(shortcut)
+        branch = functools.partial(
+            _Branch, self.features, self.strides, self.bottleneck, self.conv, self.norm
         )
-        return relu_residual(self, branch, x, shortcut, rate, block_index, key)
+        return nn.relu(self.residual(branch, x, shortcut, rate, block_index, key))
 
 
-class ResNet(nn.Module, StochasticDepthFields):
+class ResNet(StochasticDepthFields):
     """ImageNet ResNet (18, 34, 50, 101, 152) with stochastic depth per block.
 
     Attributes:
-      depth: 18, 34, 50, 101 or 152.
-      num_classes: number of logits (1000).
-      final_drop_rate: drop rate of the last block (0.5, the paper's ImageNet setting; 0 =
-        constant depth).
-      drop_schedule: ``"linear"`` (paper), ``"uniform"`` or ``"efficientnet"``.
-      drop_mode: ``"batch"`` (paper) or ``"row"``.
-      scale_by_keep: False (paper: eval-time scaling by ``1 - rate``).
-      scan_blocks / remat / dtype / conv_impl / input_channels: see
-        :class:`sdjax.models.common.StochasticDepthFields`.
+      depth: 18, 34, 50, 101 or 152 (50).
       width: base filters of the first stage (64).
-      bn_momentum / bn_epsilon: BatchNorm (0.9 / 1e-5).
+      num_classes: number of logits (1000).
+      The other shared fields (keyword-only) keep the defaults of
+      :class:`sdjax.models.base.StochasticDepthFields`: the paper's ImageNet setting (linear
+      decay to ``final_drop_rate=0.5``, batch mode, eval-time scaling), scanned blocks,
+      BatchNorm 0.9 / 1e-5.
 
-    Call: ``model.apply(variables, x, train=..., rngs={"dropout": key},
+    Call: ``model.apply(variables, x, train=..., drop_rate_scale=None, rngs={"dropout": key},
     mutable=["batch_stats"])`` with ``x`` float ``(N, H, W, input_channels)``, ``H, W >= 32``;
     returns float32 logits ``(N, num_classes)``.
     """
 
     depth: int = 50
-    num_classes: int = 1000
-    final_drop_rate: float = 0.5
-    drop_schedule: str = "linear"
-    drop_mode: str = "batch"
-    scale_by_keep: bool = False
-    scan_blocks: bool = False
-    remat: bool = False
-    dtype: Any = jnp.float32
-    conv_impl: str = "auto"
-    input_channels: int = 3
     width: int = 64
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
+    num_classes: int = override(1000)
 
     def __post_init__(self):
         if self.depth not in STAGE_SIZES or isinstance(self.depth, bool):
@@ -185,7 +123,6 @@ class ResNet(nn.Module, StochasticDepthFields):
             )
         if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
             raise ValueError(f"ResNet: width must be a positive integer, got {self.width!r}.")
-        self._check_common_fields()
         super().__post_init__()
 
     @property
@@ -194,54 +131,36 @@ class ResNet(nn.Module, StochasticDepthFields):
         return sum(STAGE_SIZES[self.depth][0])
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
-        """Returns float32 logits ``(N, num_classes)`` for float images ``(N, H, W, C)``."""
+    def __call__(self, x, train: bool = False, drop_rate_scale: Any = None):
+        """Returns float32 logits ``(N, num_classes)`` for float images ``(N, H, W, C)``.
+
+        ``drop_rate_scale``: None, or a float32 scalar (may be traced) multiplying every block's
+        drop rate; see :func:`sdjax.models.base.scale_rate`.
+        """
         x = check_input(x, model="ResNet", input_channels=self.input_channels, min_size=32)
+        scale = check_drop_rate_scale(drop_rate_scale, "ResNet")
         stage_sizes, bottleneck = STAGE_SIZES[self.depth]
         rates = self.block_rates(self.num_blocks)
         key = model_key(self, train and max(rates) > 0)
-        x = Conv(
-            self.width,
-            (7, 7),
-            2,
-            padding=((3, 3), (3, 3)),
-            dtype=self.dtype,
-            impl=self.conv_impl,
-            name="stem_conv",
-        )(x)
-        x = batch_norm(
-            train,
-            momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            name="stem_bn",
-        )(x)
-        x = nn.relu(x)
+        defs = self.block_defs(train)
+        x = defs["conv"](self.width, (7, 7), 2, padding=((3, 3), (3, 3)), name="stem_conv")(x)
+        x = nn.relu(defs["norm"](name="stem_bn")(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        common = dict(
-            bottleneck=bottleneck,
-            train=train,
-            drop_mode=self.drop_mode,
-            scale_by_keep=self.scale_by_keep,
-            bn_momentum=self.bn_momentum,
-            bn_epsilon=self.bn_epsilon,
-            dtype=self.dtype,
-            conv_impl=self.conv_impl,
-        )
         first_index = 0
         for stage, num in enumerate(stage_sizes):
-            features = self.width * 2**stage
+            block = dict(features=self.width * 2**stage, bottleneck=bottleneck, **defs)
             x = apply_stage(
                 ResNetBlock,
                 x,
                 name=f"stage{stage + 1}",
-                first_kwargs=dict(features=features, strides=1 if stage == 0 else 2, **common),
-                rest_kwargs=dict(features=features, strides=1, **common),
+                first_kwargs=dict(strides=1 if stage == 0 else 2, **block),
+                rest_kwargs=block,
                 rates=rates[first_index : first_index + num],
                 first_index=first_index,
                 key=key,
                 scan_blocks=self.scan_blocks,
                 remat=self.remat,
+                drop_rate_scale=scale,
             )
             first_index += num
         x = jnp.mean(x, axis=(1, 2))

@@ -1,0 +1,75 @@
+"""The residual block contract shared by the three model families, and its one residual helper.
+
+A block is a Linen module built from factories (``ModuleDef``, as in flax's
+``examples/imagenet``): ``conv`` and ``norm`` make its layers, ``drop_path`` makes the
+:class:`sdjax.layers.DropPathResidual` that adds the (possibly dropped) branch to the shortcut.
+The model builds the three once (:meth:`sdjax.models.base.StochasticDepthFields.block_defs`).
+
+Blocks are called as ``block(x, rate, block_index, key)``: ``rate`` is the block's drop
+probability (a Python float, or a float32 0-d array inside ``nn.scan`` or with a
+``drop_rate_scale``), ``key`` the model's stochastic-depth key (None: deterministic) and the
+block's own key is ``fold_in(key, block_index)`` with the global (network-wide) block index, so
+scanned and unrolled networks draw the same gates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+__all__ = ["ModuleDef", "ResidualBlock"]
+
+Array = jax.Array
+#: A Linen module class or a ``functools.partial`` of one (a module factory).
+ModuleDef = Any
+
+
+class ResidualBlock(nn.Module):
+    """Fields every sdjax block has, and :meth:`residual`, its skip connection.
+
+    Attributes:
+      features: output channels of the block (a bottleneck ResNet block outputs
+        ``4 * features``).
+      conv: convolution factory, called as ``conv(features, kernel_size, strides, ..., name=)``.
+      norm: normalization factory, called as ``norm(name=...)``.
+      drop_path: :class:`sdjax.layers.DropPathResidual` factory with the model's mode and
+        scaling, called as ``drop_path(branch, rate=..., name=...)``.
+      strides: the block's stride (1 or 2).
+    """
+
+    features: int
+    conv: ModuleDef
+    norm: ModuleDef
+    drop_path: ModuleDef
+    strides: int = 1
+
+    def residual(
+        self,
+        branch: ModuleDef,
+        x: Array,
+        shortcut: Array,
+        rate: Any,
+        block_index: Any,
+        key: Array | None,
+    ) -> Array:
+        """``shortcut + drop_path(branch(x))``; call from the block's compact ``__call__``.
+
+        Args:
+          branch: the residual branch's factory (it becomes ``residual/branch``).
+          x: the branch input.
+          shortcut: the identity or projected path, the shape of the branch output.
+          rate: the block's drop probability (Python float or float32 0-d array).
+          block_index: the block's global index (int or int32 0-d array).
+          key: the model's stochastic-depth key; None runs the deterministic (eval) path.
+
+        Returns:
+          The sum, shaped and typed like ``shortcut`` (the child ``"residual"``'s output).
+        """
+        return self.drop_path(branch, rate=rate, name="residual")(
+            x,
+            shortcut,
+            deterministic=key is None,
+            rng=None if key is None else jax.random.fold_in(key, block_index),
+        )

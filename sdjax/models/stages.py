@@ -1,0 +1,156 @@
+"""Stages of identical blocks, unrolled or scanned, and the converters between the two layouts.
+
+:func:`apply_stage` applies a stage's first block and then its identical remaining blocks, either
+one submodule per block or with one ``nn.scan`` (optionally ``nn.remat``); both layouts draw the
+same drop gates because every block derives its key as ``fold_in(model_key, block_index)``.
+
+Naming convention of stages (the contract of the two converters): the first block of a stage is
+the submodule ``"<stage>_block0"``; the remaining ``n - 1`` blocks are ``"<stage>_block1"`` ...
+``"<stage>_block<n-1>"`` when unrolled, or one scanned submodule ``"<stage>_rest"`` whose
+variables carry a leading axis of size ``n - 1`` when scanned.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sdjax.models.base import scale_rate
+
+__all__ = ["apply_stage", "scan_to_unrolled", "unrolled_to_scan"]
+
+Array = jax.Array
+
+
+def _scan_body(block: nn.Module, x: Array, xs: tuple[Array, Array], key: Array | None):
+    rate, block_index = xs
+    return block(x, rate, block_index, key), None
+
+
+def apply_stage(
+    block_cls: type[nn.Module],
+    x: Array,
+    *,
+    name: str,
+    first_kwargs: Mapping[str, Any],
+    rest_kwargs: Mapping[str, Any],
+    rates: Sequence[float],
+    first_index: int,
+    key: Array | None,
+    scan_blocks: bool,
+    remat: bool,
+    drop_rate_scale: Array | None = None,
+) -> Array:
+    """Applies the ``len(rates)`` blocks of one stage (call from a compact method).
+
+    The block modules are called as ``block(x, rate, block_index, key)`` and must derive their
+    drop key as ``jax.random.fold_in(key, block_index)`` (``key=None``: no dropping).
+
+    Args:
+      block_cls: the block module class.
+      x: the stage input.
+      name: stage name; submodules are ``f"{name}_block{i}"`` and, scanned, ``f"{name}_rest"``.
+      first_kwargs: constructor fields of the first block (e.g. strides 2, new width).
+      rest_kwargs: constructor fields of the remaining, identical blocks.
+      rates: drop rate of each block of the stage (Python floats).
+      first_index: global (network-wide, 0-based) index of the stage's first block.
+      key: the model's stochastic-depth key, or None.
+      scan_blocks: apply blocks ``1..n-1`` with one ``nn.scan`` (their variables stacked).
+      remat: wrap every block in ``nn.remat``.
+      drop_rate_scale: None, or a float32 0-d array multiplying every rate (see
+        :func:`sdjax.models.base.scale_rate`).
+
+    Returns:
+      The output of the last block.
+    """
+    cls = nn.remat(block_cls, prevent_cse=not scan_blocks) if remat else block_cls
+    x = cls(name=f"{name}_block0", **first_kwargs)(
+        x, scale_rate(rates[0], drop_rate_scale), first_index, key
+    )
+    num_rest = len(rates) - 1
+    if num_rest == 0:
+        return x
+    if scan_blocks:
+        scanned = nn.scan(
+            _scan_body,
+            variable_axes={"params": 0, "batch_stats": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast),
+            length=num_rest,
+        )
+        xs = (
+            scale_rate(jnp.asarray(rates[1:], jnp.float32), drop_rate_scale),
+            jnp.arange(first_index + 1, first_index + 1 + num_rest, dtype=jnp.int32),
+        )
+        x, _ = scanned(cls(name=f"{name}_rest", **rest_kwargs), x, xs, key)
+        return x
+    for i in range(1, num_rest + 1):
+        rate = scale_rate(rates[i], drop_rate_scale)
+        x = cls(name=f"{name}_block{i}", **rest_kwargs)(x, rate, first_index + i, key)
+    return x
+
+
+_REST = re.compile(r"^(?P<stage>.+)_rest$")
+_BLOCK = re.compile(r"^(?P<stage>.+)_block(?P<index>\d+)$")
+
+
+def _is_mapping(tree: Any) -> bool:
+    return isinstance(tree, Mapping)
+
+
+def scan_to_unrolled(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Converts variables of a ``scan_blocks=True`` model to the unrolled layout.
+
+    Every ``"<stage>_rest"`` entry (leaves with a leading block axis of size ``n - 1``) becomes
+    ``"<stage>_block1"`` ... ``"<stage>_block<n-1>"``. Works on a whole variables dict
+    (``{"params": ..., "batch_stats": ...}``) or on one collection. Returns new plain dicts.
+    """
+    out: dict[str, Any] = {}
+    for key, value in variables.items():
+        match = _REST.match(key) if isinstance(key, str) else None
+        if match and _is_mapping(value):
+            num = len(jax.tree_util.tree_leaves(value)[0])
+            for i in range(num):
+                out[f"{match['stage']}_block{i + 1}"] = jax.tree_util.tree_map(
+                    lambda leaf, i=i: leaf[i], _to_dict(value)
+                )
+        elif _is_mapping(value):
+            out[key] = scan_to_unrolled(value)
+        else:
+            out[key] = value
+    return out
+
+
+def unrolled_to_scan(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """Converts variables of an unrolled model to the ``scan_blocks=True`` layout.
+
+    ``"<stage>_block1"`` ... ``"<stage>_block<n-1>"`` are stacked (leading axis) into
+    ``"<stage>_rest"``; ``"<stage>_block0"`` stays. Inverse of :func:`scan_to_unrolled`.
+    """
+    out: dict[str, Any] = {}
+    stacks: dict[str, dict[int, Any]] = {}
+    for key, value in variables.items():
+        match = _BLOCK.match(key) if isinstance(key, str) else None
+        if match and int(match["index"]) >= 1 and _is_mapping(value):
+            stacks.setdefault(match["stage"], {})[int(match["index"])] = _to_dict(value)
+        elif _is_mapping(value):
+            out[key] = unrolled_to_scan(value)
+        else:
+            out[key] = value
+    for stage, blocks in stacks.items():
+        if sorted(blocks) != list(range(1, len(blocks) + 1)):
+            raise ValueError(f"unrolled_to_scan: blocks of {stage!r} are not 1..n-1: {blocks}.")
+        ordered = [blocks[i] for i in range(1, len(blocks) + 1)]
+        out[f"{stage}_rest"] = jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *ordered)
+    return out
+
+
+def _to_dict(tree: Any) -> Any:
+    if _is_mapping(tree):
+        return {k: _to_dict(v) for k, v in tree.items()}
+    return tree
