@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sdjax import data as data_lib
-from sdjax.config_utils import default_config
+from sdjax.config import default_config
 from sdjax.data import augment
 
 
@@ -120,17 +120,18 @@ def test_missing_tfds_dataset_says_where_it_looked_and_how_to_provide(tmp_path):
     assert "gs://" in msg
 
 
-def test_real_cifar10_loads_from_shared_tfds(tfds_data_dir):
+def test_cifar10_loads_from_a_tfds_folder(tfds_data_dir):
+    """The real CIFAR-10 when present, else the fake one (see the pytest summary line)."""
     cfg = _input(
         dataset="cifar10",
         data_dir=str(tfds_data_dir),
-        train_split="test[:512]",
-        test_split="test[:256]",
+        train_split="train[:200]",
+        test_split="test[:100]",
     )
     info = data_lib.check_available(cfg)
-    assert info.image_shape == (32, 32, 3) and info.num_classes == 10
+    assert info.image_shape == (32, 32, 3) and info.num_classes == 10 and info.num_train == 200
     ds = data_lib.create(cfg)
-    assert ds.train[0].shape == (512, 32, 32, 3) and ds.train[0].dtype == np.uint8
-    assert ds.test[0].shape == (256, 32, 32, 3)
+    assert ds.train[0].shape == (200, 32, 32, 3) and ds.train[0].dtype == np.uint8
+    assert ds.test[0].shape == (100, 32, 32, 3)
     assert set(np.unique(ds.test[1])) <= set(range(10))
     assert 60 < ds.mean[0] < 200  # uint8 pixel statistics
