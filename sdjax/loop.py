@@ -93,20 +93,19 @@ def train_and_evaluate(
     checkpoints in ``workdir/checkpoints`` and, when training is complete,
     ``workdir/results.json`` (returned as a dict). A complete run rerun returns its
     ``results.json`` unchanged. After SIGTERM (at any time, also while building) the current
-    step is saved and ``{"preempted": True, "steps": step}`` is returned.
+    step is saved and ``{"preempted": True, "steps": step, "saved": bool}`` is returned
+    (``saved`` is False when no step had run yet: the workdir then holds what it held).
 
     Args:
-      config: a config following ``sdjax.config.default_config``. A config that asks for CPU
-        devices or ``jax.distributed`` needs ``sdjax.runtime.setup(config)`` first.
+      config: see ``sdjax.config.default_config``; one that asks for CPU devices or
+        ``jax.distributed`` needs ``sdjax.runtime.setup(config)`` first.
       workdir: the run's directory (created if missing).
       command: the command line to record in ``results.json``.
       preemption: an installed SIGTERM handler (default: one installed now).
 
     Raises:
-      ValueError: an invalid config, a process not set up for it, a missing dataset, an
-        unwritable workdir or an incompatible checkpoint (before anything is compiled).
-      FloatingPointError: a NaN/inf training loss or train state (the last good checkpoint is
-        kept).
+      ValueError: see ``sdjax.trainer.build`` (raised before anything is compiled).
+      FloatingPointError: a NaN/inf loss or train state (the last good checkpoint is kept).
     """
     own = preemption is None
     preemption = Preemption(install=not config.train.distributed) if own else preemption
@@ -116,7 +115,7 @@ def train_and_evaluate(
         start, total, spe = trainer.start_step, trainer.total_steps, trainer.steps_per_epoch
         finished = read_results(workdir, total) if start == total else None
         if finished is not None or preemption.reached(start):
-            return finished or {"preempted": True, "steps": start}
+            return finished or {"preempted": True, "steps": start, "saved": False}
         from sdjax import metrics as metrics_lib  # noqa: PLC0415 (imports TensorFlow via clu)
 
         is_main = jax.process_index() == 0
@@ -147,7 +146,7 @@ def train_and_evaluate(
                 if preemption.reached(done):
                     save(trainer, loop, writer, progress, done)
                     logging.warning("Preempted: saved step %d; rerun the same command.", done)
-                    return {"preempted": True, "steps": done}
+                    return {"preempted": True, "steps": done, "saved": True}
                 if epoch_end or is_last or done % config.train.checkpoint_every_steps == 0:
                     save(trainer, loop, writer, progress, done)
             if not loop.eval_metrics:  # resumed a run that was saved at its last step

@@ -127,7 +127,8 @@ def main(argv: list[str]) -> None:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)
     if result.get("preempted"):
-        print(f"Preempted at step {result['steps']}; checkpoint saved. Rerun to resume.")
+        saved = "checkpoint saved" if result.get("saved") else "nothing new to save"
+        print(f"Preempted at step {result['steps']}; {saved}. Rerun to resume.")
     else:
         print(
             f"test_accuracy={result['test_accuracy']:.4f} test_error={result['test_error']:.4f} "

@@ -124,15 +124,19 @@ def committed_steps(workdir: pathlib.Path) -> list[int]:
 
 
 def restore_state(workdir: pathlib.Path, step: int) -> dict:
-    """The whole saved train state (step, params, batch_stats, opt_state) as NumPy arrays."""
+    """The whole saved train state (step, params, batch_stats, opt_state), on this process's
+    one device (the runs here save from two)."""
+    import jax  # noqa: PLC0415
     import orbax.checkpoint as ocp  # noqa: PLC0415
 
-    manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state",))
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    finally:
-        manager.close()
-    return restored["state"]
+    path = workdir / "checkpoints" / str(step) / "state"
+    checkpointer = ocp.StandardCheckpointer()
+    metadata = checkpointer.metadata(path)
+    tree = getattr(metadata, "item_metadata", metadata)
+    tree = getattr(tree, "tree", tree)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+    return checkpointer.restore(path, target)
 
 
 def assert_trees_bitwise_equal(a, b) -> None:

@@ -143,7 +143,7 @@ def test_preempted_twice_then_resumed_equals_the_uninterrupted_run(
     for stop in (3, REFERENCE_STEPS):
         monkeypatch.setattr(loop.Preemption, "reached", lambda self, step, s=stop: step == s)
         out = train.train_and_evaluate(config, str(workdir))
-        assert out == {"preempted": True, "steps": stop}
+        assert out == {"preempted": True, "steps": stop, "saved": True}
         assert not (workdir / "results.json").exists()
     monkeypatch.undo()
     again = train.train_and_evaluate(config, str(workdir))
