@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -232,6 +233,8 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
             _check_checkpoint(config, reader, abstract, total_steps)
         finally:
             reader.close()
+    if jax.process_count() > 1:  # every host looked at the workdir before anyone writes to it
+        multihost_utils.sync_global_devices("sdjax.trainer.build: checked")
     config_lib.validate_workdir(workdir)
     checkpointer = checkpoint_lib.Checkpointer(
         directory, config.train.keep_checkpoints, model_config
