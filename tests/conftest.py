@@ -52,6 +52,11 @@ def child_command(function, *args) -> list[str]:
     return [sys.executable, "-c", code, *map(str, args)]
 
 
+@pytest.fixture(scope="session")
+def repo_root() -> pathlib.Path:
+    return REPO_ROOT
+
+
 @pytest.fixture
 def tiny_config():
     """``make(arg=None) -> ConfigDict``: ``tests/tiny_config.py`` with an argument string."""
