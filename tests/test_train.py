@@ -265,14 +265,24 @@ def test_non_finite_loss_or_state_stops_and_keeps_the_last_good_checkpoint(
     assert leaves and all(np.all(np.isfinite(np.asarray(x))) for x in leaves)
 
 
-def test_drop_warmup_ramps_the_drop_rates_from_zero(tmp_path, tiny_config):
+def test_drop_warmup_ramps_the_drop_rates_from_zero_and_resumes_exactly(
+    tmp_path, tiny_config, monkeypatch
+):
     """``train.drop_warmup_fraction=0.5`` of 6 steps: step s trains with the rates scaled by
-    min(1, s / 3); the gates each step drew are those of ``batch_gates`` at that scale."""
+    min(1, s / 3); the gates each step drew are those of ``batch_gates`` at that scale, and a
+    run preempted at step 2 (mid-ramp) resumes to the same state."""
     config = tiny_config()
     config.train.drop_warmup_fraction = 0.5
     config.train.log_every_steps = 1
     workdir = tmp_path / "warmup"
     train.train_and_evaluate(config, str(workdir))
+    resumed = tmp_path / "resumed"
+    with monkeypatch.context() as m:
+        m.setattr(loop.Preemption, "reached", lambda self, step: step == 2)
+        assert train.train_and_evaluate(config, str(resumed))["steps"] == 2
+    train.train_and_evaluate(config, str(resumed))
+    assert [r["step"] for r in train_records(resumed)] == list(range(1, 7))
+    assert_bitwise_equal(restore_state(workdir, 6), restore_state(resumed, 6))
     model = train.create_model(config)
     train_key = jax.random.fold_in(jax.random.key(config.seed, impl=config.prng_impl), 1)
     blocks = [r["train_blocks_run"] for r in train_records(workdir)]
