@@ -5,7 +5,7 @@ The paper reaches 24.98% test error (constant depth: 27.22%).
     python -m sdjax.main --config=configs/cifar100_sd.py --workdir=/tmp/c100_sd
 """
 
-from sdjax.config_utils import apply_arg, default_config
+from sdjax.config import apply_arg, default_config
 
 
 def get_config(arg=None):

@@ -6,7 +6,7 @@ Same as ``cifar10_sd.py`` with ``final_drop_rate=0``:
         --config=configs/cifar10_constant.py --workdir=/tmp/c10_constant
 """
 
-from sdjax.config_utils import apply_arg, default_config
+from sdjax.config import apply_arg, default_config
 
 
 def get_config(arg=None):

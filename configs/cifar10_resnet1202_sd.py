@@ -7,7 +7,7 @@ in He et al., the learning rate is 0.01 for the first 400 steps, then 0.1 (step 
     python -m sdjax.main --config=configs/cifar10_resnet1202_sd.py --workdir=/tmp/c10_1202
 """
 
-from sdjax.config_utils import apply_arg, default_config
+from sdjax.config import apply_arg, default_config
 
 
 def get_config(arg=None):

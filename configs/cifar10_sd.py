@@ -14,7 +14,7 @@ Add ``validation_size=5000`` for the paper's 45k/5k split (test error at the bes
 epoch is then reported in results.json).
 """
 
-from sdjax.config_utils import apply_arg, default_config
+from sdjax.config import apply_arg, default_config
 
 
 def get_config(arg=None):

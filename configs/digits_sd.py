@@ -10,7 +10,7 @@ flips: digits are not mirror-symmetric), SGD with Nesterov momentum and the pape
         --workdir=/tmp/sdjax_digits_constant
 """
 
-from sdjax.config_utils import apply_arg, default_config
+from sdjax.config import apply_arg, default_config
 
 
 def get_config(arg=None):

@@ -10,7 +10,7 @@ picks the variant (and its resolution); other arguments are key=value pairs:
         --workdir=/tmp/effnet_b3
 """
 
-from sdjax.config_utils import apply_arg, default_config, parse_arg
+from sdjax.config import apply_arg, default_config, parse_arg
 
 RESOLUTIONS = {
     "b0": 224,

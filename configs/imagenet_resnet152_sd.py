@@ -8,7 +8,7 @@ top-1/top-5 error with stochastic depth vs 21.98% without, on 1.28M images in TF
         --config=configs/imagenet_resnet152_sd.py --workdir=gs://BUCKET/runs/r152_sd
 """
 
-from sdjax.config_utils import apply_arg, default_config
+from sdjax.config import apply_arg, default_config
 
 
 def get_config(arg=None):

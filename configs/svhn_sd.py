@@ -6,7 +6,7 @@ augmentation (no flips for digits), 1.75% test error (constant depth: 1.80%). De
     python -m sdjax.main --config=configs/svhn_sd.py --workdir=/tmp/svhn_sd
 """
 
-from sdjax.config_utils import apply_arg, default_config
+from sdjax.config import apply_arg, default_config
 
 
 def get_config(arg=None):

@@ -2,11 +2,13 @@
 
 Each checkpoint holds two items: ``state`` (the whole :class:`sdjax.train.TrainState`: step,
 params, batch_stats, optimizer state, EMA params) and ``meta`` (JSON: the model config, the
-parameter shapes, and loop bookkeeping such as the best validation accuracy). Orbax writes each
+parameter shapes, the run's whole config, and loop bookkeeping such as the best validation
+accuracy and the last train loss). Orbax writes each
 step into a temporary directory and renames it when complete, so a run killed during a save
 leaves the previous checkpoint loadable. Before restoring, the stored model config and parameter
-shapes are compared with the current ones: a checkpoint of another model is a clear error and
-nothing is loaded.
+shapes are compared with the current ones (:meth:`Checkpointer.check` reads only this metadata,
+so a trainer can do it before compiling anything): a checkpoint of another model is a clear
+error and nothing is loaded.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from absl import logging
 
 __all__ = ["Checkpointer", "param_shapes"]
 
@@ -36,10 +37,17 @@ class Checkpointer:
       model_config: the run's ``config.model`` as a dict; stored and compared on restore.
     """
 
-    def __init__(self, directory: str, keep: int, model_config: dict[str, Any]):
+    def __init__(
+        self,
+        directory: str,
+        keep: int,
+        model_config: dict[str, Any] | None = None,
+        *,
+        create: bool = True,
+    ):
         self.directory = os.path.abspath(directory)
-        self.model_config = model_config
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+        self.model_config = model_config or {}
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")
         )
@@ -59,19 +67,21 @@ class Checkpointer:
             force=True,
         )
 
-    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
-        """Restores the checkpoint at ``step`` (default: latest) into the structure of ``target``.
+    def check(self, target: Any, step: int | None = None) -> dict[str, Any]:
+        """Reads the metadata of checkpoint ``step`` (default: latest) and compares it with ``target``.
+
+        Reads only the JSON metadata: nothing is restored or compiled.
 
         Args:
-          target: a train state (arrays or ShapeDtypeStructs with shardings) of the current run.
+          target: a train state (arrays or ``jax.ShapeDtypeStruct``) of the current run.
           step: which checkpoint; None = the latest.
 
         Returns:
-          ``(state, meta)``.
+          The checkpoint's ``meta`` dict.
 
         Raises:
-          ValueError: the checkpoint is of a different model (config or parameter shapes), or it
-            cannot be read (corrupted); nothing is loaded.
+          ValueError: the checkpoint is of another model (name or parameter shapes) or its
+            metadata cannot be read (corrupted).
         """
         step = self.latest_step() if step is None else step
         where = os.path.join(self.directory, str(step))
@@ -83,7 +93,7 @@ class Checkpointer:
             raise ValueError(
                 f"checkpoint {where} cannot be read ({type(e).__name__}: {e}); it may be "
                 "corrupted. Delete it (earlier checkpoints are used then) or use a new --workdir."
-            ) from e
+            ) from None
         stored_model = meta.get("model") or {}
         if stored_model.get("name") != self.model_config.get("name"):
             raise ValueError(
@@ -97,22 +107,35 @@ class Checkpointer:
                 f"{self.model_config.get('name')!r} (model config in the checkpoint: "
                 f"{stored_model}); nothing was loaded. Use a new --workdir."
             )
-        changed = {
-            k: (stored_model.get(k), v)
-            for k, v in self.model_config.items()
-            if stored_model.get(k) != v
-        }
-        if changed:
-            logging.warning("Resuming with changed model fields (checkpoint, now): %s", changed)
+        return meta
+
+    def restore(self, target: Any, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+        """Restores the checkpoint at ``step`` (default: latest) into the structure of ``target``.
+
+        Args:
+          target: a train state (arrays, or ``jax.ShapeDtypeStruct`` with shardings) of the
+            current run.
+          step: which checkpoint; None = the latest.
+
+        Returns:
+          ``(state, meta)``.
+
+        Raises:
+          ValueError: see :meth:`check`; or the arrays cannot be read (corrupted); nothing is
+            loaded.
+        """
+        step = self.latest_step() if step is None else step
+        meta = self.check(target, step)
         try:
             restored = self.manager.restore(
                 step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
             )
         except Exception as e:
             raise ValueError(
-                f"checkpoint {where} cannot be restored into this run's train state "
-                f"({type(e).__name__}: {e}); it may be corrupted or from another version."
-            ) from e
+                f"checkpoint {os.path.join(self.directory, str(step))} cannot be restored into "
+                f"this run's train state ({type(e).__name__}: {e}); it may be corrupted or from "
+                "another version."
+            ) from None
         return restored["state"], meta
 
     def wait(self) -> None:

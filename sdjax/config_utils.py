@@ -1,25 +1,25 @@
-"""The training config schema, config argument strings, and validation before anything compiles.
+"""Deprecated alias of :mod:`sdjax.config` (the config schema, argument strings, field checks).
 
-Every hyperparameter of a run lives in one ``ml_collections.ConfigDict``. :func:`default_config`
-is the full schema with its defaults (each field documented there); the files in ``configs/``
-start from it and set what their experiment needs. :func:`apply_arg` parses config argument
-strings (``--config=configs/cifar10_sd.py:final_drop_rate=0.3,mode=batch``) and :func:`validate`
-checks a config against the models, datasets and devices, raising one clear ``ValueError`` that
-names the field, the bad value and the allowed values, before anything is compiled or written.
+Kept so that config files and scripts written against it keep working; new code imports
+``sdjax.config``. :func:`validate` runs the checks ``sdjax.trainer.build`` runs before compiling,
+without building the data or the train state when ``check_data=False``.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
-import os
-import tempfile
-from collections.abc import Mapping
 from typing import Any
 
-import ml_collections
-
-from sdjax import host_malloc
+from sdjax.config import (
+    ALIASES,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    PRNG_IMPLS,
+    apply_arg,
+    default_config,
+    parse_arg,
+    validate_fields,
+    validate_workdir,
+)
 
 __all__ = [
     "ALIASES",
@@ -28,445 +28,45 @@ __all__ = [
     "PRNG_IMPLS",
     "apply_arg",
     "default_config",
+    "model_kwargs",
     "parse_arg",
     "validate",
     "validate_workdir",
 ]
 
-PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
-OPTIMIZERS = ("sgd", "rmsprop")
-LR_SCHEDULES = ("step", "cosine", "exponential", "constant")
-WARMUP_TYPES = ("linear", "constant")
-WEIGHT_DECAY_ON = ("all", "kernels")
-DROP_MODES = ("row", "batch")
 
+def model_kwargs(config: Any) -> dict[str, Any]:
+    """Alias of ``sdjax.trainer.model_kwargs``."""
+    from sdjax import trainer  # noqa: PLC0415
 
-def default_config() -> ml_collections.ConfigDict:
-    """Returns the full config schema with defaults (the paper's CIFAR-10 setup where one applies).
-
-    Fields:
-      seed: int, seeds parameters, data order, augmentation and drop gates.
-      prng_impl: PRNG implementation of the typed keys, one of ``PRNG_IMPLS``.
-      model.name: a name from ``sdjax.models.names()``.
-      model.*: any other field is passed to ``sdjax.models.create`` (num_classes, final_drop_rate,
-        drop_schedule, drop_mode, scale_by_keep, scan_blocks, remat, conv_impl); ``dtype`` is set
-        from ``train.half_precision``.
-      input.dataset: ``digits`` | ``cifar10`` | ``cifar100`` | ``svhn_cropped`` | ``imagenet2012``
-        | ``synthetic``.
-      input.data_dir: TFDS data directory; None -> ``$TFDS_DATA_DIR`` -> the tfds default.
-      input.train_split / input.test_split: TFDS split strings (slices like ``test[:256]`` work).
-      input.use_extra: SVHN only, add the 531k ``extra`` images to the training set.
-      input.validation_size: number of training examples held out (the last ones of a fixed
-        seeded permutation) for validation; 0 = no validation split.
-      input.augment.crop_padding: zero padding (after normalisation) before the random crop.
-      input.augment.flip: random horizontal flips.
-      input.normalize: per-channel mean/std normalisation (statistics of the training split).
-      input.image_size: ImageNet crop size (streamed datasets only; None = native size).
-      input.digits_test_size / input.split_seed: the fixed stratified digits test split.
-      input.synthetic_*: shape and size of the synthetic dataset.
-      input.shuffle_buffer: tf.data shuffle buffer (streamed datasets only).
-      optim.*: see ``sdjax.optim.create``.
-      train.batch_size: global batch size (divisible by ``jax.device_count()``).
-      train.eval_batch_size: global eval batch size (divisible by the device count).
-      train.num_epochs / train.num_train_steps: length; steps > 0 overrides epochs.
-      train.eval_every_epochs: evaluate (validation and test) every this many epochs.
-      train.checkpoint_every_steps / train.keep_checkpoints: periodic saves (also at epoch ends).
-      train.log_every_steps: train metrics cadence (also when the loss is checked for NaN/inf).
-      train.half_precision: bf16 compute (params and optimizer stay float32).
-      train.distributed: call ``jax.distributed.initialize`` (multi-host); the coordinator
-        fields are passed to it when set (else auto-detected on TPU/SLURM).
-      train.progress_bar: show a progress bar (only on an interactive terminal).
-      train.num_cpu_devices: 0 leaves JAX's CPU device count alone (1 unless
-        ``JAX_NUM_CPU_DEVICES`` says otherwise); n > 0 splits the CPU backend into n devices before
-        JAX initializes, and training runs data-parallel over them (the batch is sharded, the
-        results equal a 1-device run up to float summation order). Measured on 2 CPU cores: 2
-        devices train a CIFAR ResNet 38-46% faster (XLA:CPU runs many kernels on one thread;
-        each device gets its own). Only the CPU backend is affected: on GPU/TPU the accelerators
-        are the devices. The batch sizes must be divisible by the resulting device count.
-      train.host_malloc: ``"auto"`` (default: on CPU, glibc keeps freed memory so that XLA:CPU
-        reuses the same pages every step instead of page-faulting fresh ones; ResNet-56 on 2 CPU
-        devices here: -26% step time in the synthetic benchmark, +7% examples/s in the real
-        CIFAR-10 trainer; see `sdjax.host_malloc`), ``"reuse"`` (always) or
-        ``"system"`` (leave the allocator alone). Applied before JAX starts its backend.
-    """
-    c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.prng_impl = "threefry2x32"
-
-    c.model = ml_collections.ConfigDict()
-    c.model.name = "cifar_resnet110"
-    c.model.num_classes = 10
-    c.model.final_drop_rate = 0.5
-    c.model.drop_schedule = "linear"
-    c.model.drop_mode = "batch"
-    c.model.scale_by_keep = False
-    # Scanned stages compile faster everywhere and, on XLA:CPU, train 1.6-2.3x faster than unrolled
-    # ones (experiments/results/scan/benchmark.md); the parameters are stacked per stage.
-    c.model.scan_blocks = True
-    c.model.remat = False
-    c.model.conv_impl = "auto"
-
-    c.input = ml_collections.ConfigDict()
-    c.input.dataset = "cifar10"
-    c.input.data_dir = ml_collections.config_dict.placeholder(str)
-    c.input.train_split = "train"
-    c.input.test_split = "test"
-    c.input.use_extra = False
-    c.input.validation_size = 0
-    c.input.augment = ml_collections.ConfigDict({"crop_padding": 4, "flip": True})
-    c.input.normalize = True
-    c.input.image_size = ml_collections.config_dict.placeholder(int)
-    c.input.digits_test_size = 360
-    c.input.split_seed = 0
-    c.input.synthetic_image_shape = (32, 32, 3)
-    c.input.synthetic_num_train = 1024
-    c.input.synthetic_num_test = 256
-    c.input.synthetic_num_classes = 10
-    c.input.shuffle_buffer = 16384
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.optimizer = "sgd"
-    c.optim.learning_rate = 0.1
-    c.optim.momentum = 0.9
-    c.optim.nesterov = True
-    c.optim.weight_decay = 1e-4
-    c.optim.weight_decay_on = "all"
-    c.optim.lr_schedule = "step"
-    c.optim.boundaries = (0.5, 0.75)
-    c.optim.decay_factor = 0.1
-    c.optim.decay_epochs = 2.4
-    c.optim.warmup_epochs = 0.0
-    c.optim.warmup_steps = 0
-    c.optim.warmup_type = "linear"
-    c.optim.warmup_factor = 0.1
-    c.optim.rmsprop_decay = 0.9
-    c.optim.rmsprop_eps = 1e-3
-    c.optim.ema_decay = 0.0
-    c.optim.label_smoothing = 0.0
-
-    c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 128
-    c.train.eval_batch_size = 500
-    c.train.num_epochs = 500
-    c.train.num_train_steps = -1
-    c.train.eval_every_epochs = 1
-    c.train.checkpoint_every_steps = 1000
-    c.train.keep_checkpoints = 3
-    c.train.log_every_steps = 50
-    c.train.half_precision = False
-    c.train.distributed = False
-    c.train.coordinator_address = ml_collections.config_dict.placeholder(str)
-    c.train.num_processes = ml_collections.config_dict.placeholder(int)
-    c.train.process_id = ml_collections.config_dict.placeholder(int)
-    c.train.progress_bar = True
-    c.train.num_cpu_devices = 0
-    c.train.host_malloc = "auto"
-    return c
-
-
-ALIASES = {
-    "model": "model.name",
-    "final_drop_rate": "model.final_drop_rate",
-    "schedule": "model.drop_schedule",
-    "mode": "model.drop_mode",
-    "dataset": "input.dataset",
-    "data_dir": "input.data_dir",
-    "validation_size": "input.validation_size",
-    "lr": "optim.learning_rate",
-    "batch_size": "train.batch_size",
-    "epochs": "train.num_epochs",
-    "steps": "train.num_train_steps",
-    "half_precision": "train.half_precision",
-    "seed": "seed",
-    "prng_impl": "prng_impl",
-}
-
-
-def parse_arg(arg: str | None) -> dict[str, str]:
-    """Parses a config argument string ``"key=value,key2=value2"`` into a dict of strings.
-
-    Raises:
-      ValueError: for an item without ``=`` or an empty key.
-    """
-    if not arg:
-        return {}
-    out = {}
-    for item in arg.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(
-                f"config argument {item!r} is not key=value; expected e.g. "
-                "'configs/cifar10_sd.py:final_drop_rate=0.3,mode=batch'."
-            )
-        out[key.strip()] = value.strip()
-    return out
-
-
-def _convert(text: str, old: Any, field: str) -> Any:
-    if isinstance(old, bool):
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise ValueError(f"config argument {field}={text!r}: expected true or false.")
-    try:
-        if isinstance(old, int):
-            return int(text)
-        if isinstance(old, float):
-            return float(text)
-    except ValueError:
-        raise ValueError(
-            f"config argument {field}={text!r}: expected a {type(old).__name__}."
-        ) from None
-    if isinstance(old, tuple):
-        return tuple(_convert(t, old[0], field) for t in text.split(";")) if old else ()
-    if text.lower() == "none":
-        return None
-    return text
-
-
-def apply_arg(
-    config: ml_collections.ConfigDict, arg: str | None, aliases: Mapping[str, str] | None = None
-) -> ml_collections.ConfigDict:
-    """Applies a config argument string to ``config`` in place and returns it.
-
-    Keys are short aliases (``aliases`` maps them to dotted config paths, default
-    :data:`ALIASES`, e.g. ``final_drop_rate`` -> ``model.final_drop_rate``, ``mode`` ->
-    ``model.drop_mode``, ``steps`` -> ``train.num_train_steps``) or full dotted paths (``train.num_epochs``).
-    Values are converted to the type of the current value (bool: true/false; tuples: ``;``
-    separated).
-
-    Raises:
-      ValueError: for an unknown key (the message lists the valid short keys).
-    """
-    aliases = ALIASES if aliases is None else aliases
-    for key, text in parse_arg(arg).items():
-        path = aliases.get(key, key)
-        *parents, leaf = path.split(".")
-        node = config
-        try:
-            for p in parents:
-                node = node[p]
-            old = node[leaf]
-        except (KeyError, AttributeError, TypeError):
-            raise ValueError(
-                f"unknown config argument {key!r}; valid keys: {sorted(aliases)} "
-                "or any dotted config path such as train.num_epochs."
-            ) from None
-        node[leaf] = _convert(text, old, key)
-    return config
-
-
-def _fail(field: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"config.{field}={value!r} is invalid; allowed: {allowed}.")
-
-
-def _check_choice(config: ml_collections.ConfigDict, field: str, choices: tuple) -> None:
-    value = _get(config, field)
-    if value not in choices:
-        _fail(field, value, f"one of {list(choices)}")
-
-
-def _get(config: ml_collections.ConfigDict, field: str) -> Any:
-    node = config
-    for p in field.split("."):
-        node = node[p]
-    return node
-
-
-def _check_number(
-    config, field, *, low=None, high=None, low_open=False, high_open=False, integer=False
-) -> None:
-    value = _get(config, field)
-    kind = "an integer" if integer else "a number"
-    ok = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(
-        value, bool
-    )
-    if ok and not integer:
-        ok = not math.isnan(value) and not math.isinf(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
-        _fail(field, value, f"{kind} {' and '.join(s for s in (lo, hi) if s) or 'finite'}")
-
-
-def check_num_cpu_devices(value: Any) -> None:
-    """Raises ValueError unless ``value`` (``train.num_cpu_devices``) is an integer >= 0."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
-        _fail("train.num_cpu_devices", value, "an integer >= 0 (0: JAX's default device count)")
-
-
-def check_host_malloc(value: Any) -> None:
-    """Raises ValueError unless ``value`` (``train.host_malloc``) is one of `host_malloc.MODES`."""
-    if not isinstance(value, str) or value not in host_malloc.MODES:
-        _fail("train.host_malloc", value, f"one of {', '.join(host_malloc.MODES)}")
-
-
-def validate_workdir(workdir: str) -> None:
-    """Checks that ``workdir`` exists or can be created, and is writable.
-
-    Creates the directory (and parents) if missing; writes and removes a temporary file.
-
-    Raises:
-      ValueError: naming the workdir and the OS error.
-    """
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
-            pass
-    except OSError as e:
-        raise ValueError(
-            f"workdir {workdir!r} is not writable ({e.strerror or e}); pass --workdir=DIR with a "
-            "directory you can write to."
-        ) from None
+    return trainer.model_kwargs(config)
 
 
 def validate(
-    config: ml_collections.ConfigDict,
+    config: Any,
     workdir: str | None = None,
     *,
     check_data: bool = True,
     device_count: int | None = None,
 ) -> None:
-    """Validates a training config before anything is compiled or written.
-
-    Checks names (model, dataset, schedule, mode, optimizer, prng_impl), ranges (drop rates in
-    [0, 1] and not NaN, positive learning rate, ...), batch sizes divisible by the device count,
-    the dataset's presence on disk (``check_data``), the image shape and class count against
-    the model (via ``jax.eval_shape``, nothing compiled), and that ``workdir`` is writable.
-
-    Args:
-      config: a config following :func:`default_config`.
-      workdir: if given, checked to be writable (created if missing).
-      check_data: look for the dataset on disk (tfds) and check image shape vs model.
-      device_count: devices the global batch is split over; default ``jax.device_count()``.
+    """Checks ``config`` without compiling: its fields, the model and, with ``check_data``, the
+    dataset on disk, its classes and image shape and the batch sizes vs ``device_count``
+    (default ``jax.device_count()``);
+    ``workdir`` (if given) must be writable.
 
     Raises:
       ValueError: naming the field, the value and the allowed values.
     """
-    import jax  # noqa: PLC0415 (keep the config files importable without JAX)
+    import jax  # noqa: PLC0415
 
-    from sdjax import data as data_lib  # noqa: PLC0415
-    from sdjax import models, ops, schedules  # noqa: PLC0415
+    from sdjax import data, optim, trainer  # noqa: PLC0415
 
-    _check_number(config, "seed", low=0, integer=True)
-    _check_choice(config, "prng_impl", PRNG_IMPLS)
-
-    if config.model.name not in models.names():
-        _fail("model.name", config.model.name, f"one of {list(models.names())}")
-    if "final_drop_rate" in config.model:
-        ops.check_rate(config.model.final_drop_rate, "config.model.final_drop_rate")
-    if "drop_schedule" in config.model:
-        _check_choice(config, "model.drop_schedule", tuple(schedules.SCHEDULES))
-    if "drop_mode" in config.model:
-        _check_choice(config, "model.drop_mode", DROP_MODES)
-    _check_number(config, "model.num_classes", low=1, integer=True)
-    model = _create_model(config)
-
-    _check_choice(config, "input.dataset", tuple(data_lib.DATASETS))
-    _check_number(config, "input.validation_size", low=0, integer=True)
-    _check_number(config, "input.augment.crop_padding", low=0, integer=True)
-
-    _check_choice(config, "optim.optimizer", OPTIMIZERS)
-    _check_choice(config, "optim.lr_schedule", LR_SCHEDULES)
-    _check_choice(config, "optim.warmup_type", WARMUP_TYPES)
-    _check_choice(config, "optim.weight_decay_on", WEIGHT_DECAY_ON)
-    _check_number(config, "optim.learning_rate", low=0, low_open=True)
-    _check_number(config, "optim.momentum", low=0, high=1, high_open=True)
-    _check_number(config, "optim.weight_decay", low=0)
-    _check_number(config, "optim.decay_factor", low=0, low_open=True)
-    _check_number(config, "optim.ema_decay", low=0, high=1, high_open=True)
-    _check_number(config, "optim.label_smoothing", low=0, high=1, high_open=True)
-    _check_number(config, "optim.warmup_epochs", low=0)
-    _check_number(config, "optim.warmup_steps", low=0, integer=True)
-    bounds = tuple(config.optim.boundaries)
-    if any(not 0 < b < 1 for b in bounds) or list(bounds) != sorted(bounds):
-        _fail("optim.boundaries", bounds, "increasing fractions of training in (0, 1)")
-
-    for field in ("batch_size", "eval_batch_size", "eval_every_epochs", "log_every_steps"):
-        _check_number(config, f"train.{field}", low=1, integer=True)
-    _check_number(config, "train.checkpoint_every_steps", low=1, integer=True)
-    _check_number(config, "train.keep_checkpoints", low=1, integer=True)
-    _check_number(config, "train.num_epochs", low=0, low_open=True)
-    _check_number(config, "train.num_train_steps", low=-1, integer=True)
-    check_num_cpu_devices(config.train.get("num_cpu_devices", 0))
-    check_host_malloc(config.train.get("host_malloc", "auto"))
-    if config.train.num_train_steps == 0:
-        _fail("train.num_train_steps", 0, "-1 (use num_epochs) or a positive integer")
-
-    devices = jax.device_count() if device_count is None else device_count
-    for field in ("batch_size", "eval_batch_size"):
-        value = config.train[field]
-        if value % devices:
-            _fail(
-                f"train.{field}",
-                value,
-                f"a multiple of the number of devices ({devices}), e.g. "
-                f"{max(devices, value // devices * devices)}",
-            )
-
+    validate_fields(config)
+    model = trainer.create_model(config)
     if check_data:
-        info = data_lib.check_available(config.input)  # raises FileNotFoundError-like ValueError
-        if info.num_classes != config.model.num_classes:
-            _fail(
-                "model.num_classes",
-                config.model.num_classes,
-                f"{info.num_classes} (the number of classes of {config.input.dataset})",
-            )
-        if info.num_train - config.input.validation_size < config.train.batch_size:
-            _fail(
-                "input.validation_size",
-                config.input.validation_size,
-                f"at most {info.num_train - config.train.batch_size} so that one training "
-                f"batch of {config.train.batch_size} remains ({info.num_train} train examples)",
-            )
-        _check_model_input(config, model, info.image_shape)
-
+        info = data.check_available(config.input)
+        trainer._check_data(config, info, device_count)
+        tx = optim.create(config.optim, 1, 1)
+        trainer._abstract_state(config, model, info.image_shape, tx, jax.random.key(0), None)
     if workdir is not None:
         validate_workdir(workdir)
-
-
-def _create_model(config: ml_collections.ConfigDict) -> Any:
-    from sdjax import models  # noqa: PLC0415
-
-    kwargs = model_kwargs(config)
-    try:
-        return models.create(kwargs.pop("name"), **kwargs)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"config.model is invalid: {e}") from e
-
-
-def _check_model_input(
-    config: ml_collections.ConfigDict, model: Any, image_shape: tuple[int, ...]
-) -> None:
-    """Initialises the model abstractly on one image of ``image_shape`` (nothing compiled)."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-    key = jax.random.key(0)
-    try:
-        out = jax.eval_shape(lambda k, x: model.init(k, x, train=False), key, x)
-    except Exception as e:  # the model's own error message is kept below
-        raise ValueError(
-            f"images of shape {tuple(image_shape)} from input.dataset={config.input.dataset!r} "
-            f"do not fit model.name={config.model.name!r}: {type(e).__name__}: {e}"
-        ) from e
-    del out
-
-
-def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The keyword arguments for ``sdjax.models.create`` from ``config.model`` (+ dtype)."""
-    import jax.numpy as jnp  # noqa: PLC0415
-
-    kwargs = dict(config.model.to_dict())
-    if config.train.half_precision:
-        kwargs["dtype"] = jnp.bfloat16
-    return kwargs

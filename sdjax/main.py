@@ -6,18 +6,25 @@ Examples::
   python -m sdjax.main --config=configs/cifar10_sd.py:final_drop_rate=0.3,mode=batch \\
       --config.train.num_train_steps=100 --workdir=/tmp/c10
 
-Rerunning the same command resumes from the latest checkpoint in ``--workdir``. All the work is
-done by :func:`sdjax.train.train_and_evaluate`; errors in the config (bad values, unknown
-fields) are reported before anything is compiled, and the exit code is 1 for them.
+Rerunning the same command resumes from the latest checkpoint in ``--workdir``. The entry point
+installs the SIGTERM handler (first), sets the process up (:func:`sdjax.runtime.setup`) and runs
+:func:`sdjax.train.train_and_evaluate`. Every error a user can cause is one line ``error: ...``
+on stderr, before anything is written: exit code 2 for the command line and the config file
+(missing file, syntax error, unknown field, a value of the wrong type), 1 for a config the
+trainer rejects (bad value, missing dataset, incompatible checkpoint) or a NaN loss. SIGTERM
+at any time exits 0 after saving what there is to save.
 """
 
 from __future__ import annotations
 
+import difflib
 import logging as pylogging
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from sdjax.preemption import Preemption
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -35,43 +42,93 @@ def _quiet_orbax(record: pylogging.LogRecord) -> bool:
     return record.levelno >= pylogging.WARNING or "/orbax/" not in record.pathname
 
 
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a clear error for an override of a field the config lacks.
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of a chain (absl and ml_collections wrap the real one)."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = error.__cause__
+        if inner is None and not error.__suppress_context__:
+            inner = error.__context__
+        if inner is None:
+            break
+        error = inner
+    return error
 
-    ml_collections raises ``KeyError``/``AttributeError`` (not a flags error) for
-    ``--config.model.final_drop_rat=0.3``; absl would print a bare traceback for it.
-    """
-    try:
-        return app.parse_flags_with_usage(argv)  # absl's default: flag errors -> FATAL, exit 1
-    except (AttributeError, KeyError) as e:
-        detail = e
+
+def _hint(overrides: list[str]) -> str:
+    """``; did you mean ...`` with the config fields closest to the given override paths."""
+    from sdjax import config as config_lib  # noqa: PLC0415
+
+    def paths(node, prefix=""):
+        for key, value in node.items():
+            yield from (
+                paths(value, f"{prefix}{key}.") if isinstance(value, dict) else [prefix + key]
+            )
+
+    known = list(paths(config_lib.default_config().to_dict()))
+    close = [m for o in overrides for m in difflib.get_close_matches(o[len("--config.") :], known)]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def describe(error: BaseException, argv: list[str]) -> str:
+    """One line naming what is wrong with the command line or the config file."""
+    if isinstance(error, flags.Error) and "\n" not in str(error):
+        return str(error)  # e.g. "flag --config.train.batch_size=many: invalid literal ..."
+    cause = _root_cause(error)
+    if isinstance(cause, SyntaxError):
+        return f"config file {cause.filename}:{cause.lineno}: {cause.msg}"
+    if isinstance(cause, (AttributeError, KeyError)):
+        detail = cause
         while isinstance(detail, BaseException) and detail.args:
             detail = detail.args[0]  # AttributeError(KeyError(message)) -> message
-        detail = str(detail).replace("\n", "; ")
         overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        print(
-            f"FATAL Flags parsing error: unknown config field {detail} (overrides given: "
-            f"{', '.join(overrides)}). Only fields of the config can be overridden; see "
-            "sdjax.config_utils.default_config for all of them.",
-            file=sys.stderr,
+        return (
+            f"unknown config field {detail} (overrides given: {', '.join(overrides)}){_hint(overrides)}; "
+            "only fields of the config can be overridden (see sdjax.config.default_config)"
         )
-        sys.exit(1)
+    lines = [x.strip() for x in str(cause).splitlines() if x.strip()]
+    if isinstance(cause, OSError) and lines and lines[0].startswith("Failed loading config"):
+        return f"cannot load the config file: {lines[-1]}"  # "[Errno 2] No such file ..."
+    return " ".join(lines)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing; any error in the command line or the config file is one line
+    ``error: ...`` and exit code 2 (no traceback)."""
+    try:
+        argv = FLAGS(argv)
+        FLAGS.config.get("train")  # a config file that failed to load raises only when read
+        return argv
+    except Exception as e:  # noqa: BLE001 (every failure to read the config is the user's)
+        print(f"error: {' '.join(describe(e, argv).split())}", file=sys.stderr)
+        if "--debug_config" in argv:
+            raise
+        sys.exit(2)
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = FLAGS.config
+    preemption = Preemption(install=not config.train.distributed)  # first: SIGTERM at any time
     logging.get_absl_handler().addFilter(_quiet_orbax)
-    from sdjax import train  # noqa: PLC0415 (flags are parsed first: fast --help)
+    from sdjax import config as config_lib  # noqa: PLC0415
+    from sdjax import loop, runtime  # noqa: PLC0415 (flags are parsed first: fast --help)
 
     try:
-        result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        config_lib.validate_fields(config)  # before the process set-up reads them
+        runtime.setup(config)
+        result = loop.train_and_evaluate(
+            config, FLAGS.workdir, command=" ".join(sys.argv), preemption=preemption
+        )
     except (ValueError, FloatingPointError) as e:
         logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)
     if result.get("preempted"):
-        print(f"Preempted at step {result['steps']}; checkpoint saved. Rerun to resume.")
+        saved = "checkpoint saved" if result.get("saved") else "nothing new to save"
+        print(f"Preempted at step {result['steps']}; {saved}. Rerun to resume.")
     else:
         print(
             f"test_accuracy={result['test_accuracy']:.4f} test_error={result['test_error']:.4f} "

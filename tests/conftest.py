@@ -1,8 +1,9 @@
-"""Shared fixtures: where the repository and the real CIFAR-10 (tfds layout) live; a run's losses."""
+"""Shared fixtures: the tiny config, CIFAR-10 in tfds layout (real or fake), a run's losses."""
 
 import json
 import os
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -10,10 +11,45 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-# The real CIFAR-10 lies beside the repository (../shared/data/tfds), on developer machines and in CI.
+TESTS = pathlib.Path(__file__).resolve().parent
+TINY_CONFIG_FILE = TESTS / "tiny_config.py"
+# The real CIFAR-10 lies beside the repository (../shared/data/tfds) on developer machines and
+# in CI; a user's clone has none, and the tests that need it then read a fake one (below).
 TFDS_DATA_DIR = pathlib.Path(
     os.environ.get("SDJAX_TEST_TFDS_DIR", REPO_ROOT.parent / "shared" / "data" / "tfds")
 )
+REAL_CIFAR10 = (TFDS_DATA_DIR / "cifar10").is_dir()
+
+sys.path.insert(0, str(TESTS))
+import tiny_config as _tiny  # noqa: E402
+
+
+def _cifar10_line() -> str:
+    if REAL_CIFAR10:
+        return f"sdjax: CIFAR-10 tests read the real dataset at {TFDS_DATA_DIR}"
+    return (
+        f"sdjax: real CIFAR-10 not found at {TFDS_DATA_DIR} (set SDJAX_TEST_TFDS_DIR): the "
+        "CIFAR-10 tests read a fake tfds cifar10 (random images, same reading code)"
+    )
+
+
+def pytest_report_header(config):
+    return _cifar10_line()
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(_cifar10_line())
+
+
+def child_command(function, *args) -> list[str]:
+    """``python -c`` argv that calls ``function(*args)`` (a module-level function of a test
+    module) in a fresh process, e.g. one that sets ``JAX_NUM_CPU_DEVICES`` first."""
+    module = function.__module__
+    code = (
+        f"import sys; sys.path.insert(0, {str(TESTS)!r}); import {module}; "
+        f"{module}.{function.__name__}(*sys.argv[1:])"
+    )
+    return [sys.executable, "-c", code, *map(str, args)]
 
 
 @pytest.fixture(scope="session")
@@ -21,15 +57,53 @@ def repo_root() -> pathlib.Path:
     return REPO_ROOT
 
 
+@pytest.fixture
+def tiny_config():
+    """``make(arg=None) -> ConfigDict``: ``tests/tiny_config.py`` with an argument string."""
+    return _tiny.get_config
+
+
+def write_fake_cifar10(data_dir: pathlib.Path, num_train: int = 256, num_test: int = 128) -> None:
+    """Writes a cifar10 of random images with tfds' own writer (``tfds build`` layout)."""
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    version = str(tfds.builder_cls("cifar10").VERSION)
+    features = tfds.builder("cifar10", data_dir=str(data_dir)).info.features
+    rng = np.random.default_rng(0)
+
+    def examples(split, n):
+        return [
+            (f"{split}_{i}", {"id": f"{split}_{i}", "label": i % 10,
+                              "image": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)})
+            for i in range(n)
+        ]  # fmt: skip
+
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="cifar10",
+        version=version,
+        features=features,
+        split_datasets={"train": examples("train", num_train), "test": examples("test", num_test)},
+        config=None,
+        data_dir=str(data_dir),
+    )
+
+
 @pytest.fixture(scope="session")
-def tfds_data_dir() -> pathlib.Path:
-    """The read-only tfds folder with cifar10/3.0.2; a missing folder fails the test, it is never skipped."""
-    if not (TFDS_DATA_DIR / "cifar10").is_dir():
+def tfds_data_dir(tmp_path_factory) -> pathlib.Path:
+    """A tfds folder with cifar10: the real one if present, else a fake (see the summary line).
+
+    With ``CI=true`` a missing real dataset fails the test: CI must exercise the real data.
+    """
+    if REAL_CIFAR10:
+        return TFDS_DATA_DIR
+    if os.environ.get("CI", "").lower() == "true":
         pytest.fail(
-            f"real CIFAR-10 not found at {TFDS_DATA_DIR}/cifar10: put the tfds folder beside the repository "
-            "(../shared/data/tfds) or set SDJAX_TEST_TFDS_DIR"
+            f"CI=true but the real CIFAR-10 is not at {TFDS_DATA_DIR}/cifar10: put the tfds "
+            "folder beside the repository (../shared/data/tfds) or set SDJAX_TEST_TFDS_DIR"
         )
-    return TFDS_DATA_DIR
+    fake = tmp_path_factory.mktemp("fake_tfds")
+    write_fake_cifar10(fake)
+    return fake
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,18 @@
-"""Every config in configs/ loads, takes its argument strings, and validates (no training)."""
+"""sdjax.config (schema, argument strings, field checks) and every config in configs/: each
+loads, takes its argument strings and validates (no training)."""
 
 import ast
 import functools
 import glob
 import importlib.util
 import os
+import subprocess
+import sys
 
 import jax
 import pytest
 
+from sdjax import config as config_lib
 from sdjax import config_utils, optim, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,12 +47,14 @@ def test_config_validates_without_data(name):
     with open(os.path.join(REPO, "configs", f"{name}.py")) as f:
         docstring = ast.get_docstring(ast.parse(f.read()))
     assert docstring and "python -m sdjax.main" in docstring, "the docstring names the command"
-    config_utils.validate(config, check_data=False, device_count=1)
-    assert set(config) == set(config_utils.default_config())
+    config_lib.validate_fields(config)
+    train.create_model(config)  # the model checks its own fields
+    assert set(config) == set(config_lib.default_config())
 
 
 @pytest.mark.parametrize("name", ["cifar10_sd", "cifar10_constant"])
-def test_cifar10_configs_validate_against_real_data(name, tfds_data_dir):
+def test_cifar10_configs_validate_against_the_data(name, tfds_data_dir):
+    """Real CIFAR-10 when present, else the fake one (see the pytest summary line)."""
     config = load(name, f"steps=10,data_dir={tfds_data_dir}")
     config_utils.validate(config, device_count=1)
 
@@ -82,3 +88,29 @@ def test_argument_strings():
     with pytest.raises(ValueError, match="variant 'b9'"):
         load("imagenet_efficientnet", "b9")
     assert load("digits_sd", "epochs=3").train.num_epochs == 3
+
+
+def test_arg_strings_aliases_dotted_paths_and_new_model_fields():
+    config = config_lib.apply_arg(
+        config_lib.default_config(),
+        "final_drop_rate=0.3,mode=row,steps=7,train.progress_bar=0,model.scan_blocks=false,"
+        "model.widths=4;4;8",
+    )
+    assert config.model.final_drop_rate == 0.3 and config.model.drop_mode == "row"
+    assert config.train.num_train_steps == 7 and config.train.progress_bar is False
+    assert config.model.scan_blocks is False and config.model.widths == (4, 4, 8)
+    with pytest.raises(ValueError, match="unknown config argument 'final_rate'"):
+        config_lib.apply_arg(config, "final_rate=0.3")
+    with pytest.raises(ValueError, match="final_drop_rate='abc': expected a float"):
+        config_lib.apply_arg(config, "final_drop_rate=abc")
+
+
+def test_config_module_and_config_files_import_no_jax():
+    code = (
+        "import sys; import sdjax.config, sdjax.config_utils; sys.path.insert(0, 'configs'); "
+        "import cifar10_sd, digits_sd, imagenet_efficientnet; "
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')], 'jax'"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sdjax import data as data_lib
-from sdjax.config_utils import default_config
+from sdjax.config import default_config
 from sdjax.data import augment
 
 
@@ -120,17 +120,58 @@ def test_missing_tfds_dataset_says_where_it_looked_and_how_to_provide(tmp_path):
     assert "gs://" in msg
 
 
-def test_real_cifar10_loads_from_shared_tfds(tfds_data_dir):
+def test_cifar10_loads_from_a_tfds_folder(tfds_data_dir):
+    """The real CIFAR-10 when present, else the fake one (see the pytest summary line)."""
     cfg = _input(
         dataset="cifar10",
         data_dir=str(tfds_data_dir),
-        train_split="test[:512]",
-        test_split="test[:256]",
+        train_split="train[:200]",
+        test_split="test[:100]",
     )
     info = data_lib.check_available(cfg)
-    assert info.image_shape == (32, 32, 3) and info.num_classes == 10
+    assert info.image_shape == (32, 32, 3) and info.num_classes == 10 and info.num_train == 200
     ds = data_lib.create(cfg)
-    assert ds.train[0].shape == (512, 32, 32, 3) and ds.train[0].dtype == np.uint8
-    assert ds.test[0].shape == (256, 32, 32, 3)
+    assert ds.train[0].shape == (200, 32, 32, 3) and ds.train[0].dtype == np.uint8
+    assert ds.test[0].shape == (100, 32, 32, 3)
     assert set(np.unique(ds.test[1])) <= set(range(10))
     assert 60 < ds.mean[0] < 200  # uint8 pixel statistics
+
+
+def test_imagenet_stream_is_deterministic_and_resumable(tmp_path):
+    """A tiny fake imagenet2012 (tfds' writer): the same seed gives the same batches (crops
+    included), and a stream started at step 2 continues the stream started at step 0."""
+    import tensorflow_datasets as tfds  # noqa: PLC0415
+
+    features = tfds.builder("imagenet2012", data_dir=str(tmp_path)).info.features
+    rng = np.random.default_rng(0)
+
+    def examples(split, n):
+        return [
+            (f"{split}_{i}", {"file_name": f"{split}_{i}.JPEG", "label": i % 1000,
+                              "image": rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)})
+            for i in range(n)
+        ]  # fmt: skip
+
+    tfds.dataset_builders.store_as_tfds_dataset(
+        name="imagenet2012",
+        version=str(tfds.builder_cls("imagenet2012").VERSION),
+        features=features,
+        split_datasets={"train": examples("train", 32), "validation": examples("validation", 8)},
+        config=None,
+        data_dir=str(tmp_path),
+    )
+    cfg = _input(dataset="imagenet2012", data_dir=str(tmp_path), image_size=16, shuffle_buffer=8)
+    cfg.test_split = "validation"
+    ds = data_lib.create(cfg)
+
+    def batches(start, n):
+        it = ds.train_iterator(3, start, 4)
+        return [next(it) for _ in range(n)]
+
+    first, again, resumed = batches(0, 4), batches(0, 4), batches(2, 2)
+    for a, b in zip(first, again, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    for a, b in zip(first[2:], resumed, strict=True):
+        np.testing.assert_array_equal(a["label"], b["label"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+    assert first[0]["image"].shape == (4, 16, 16, 3)

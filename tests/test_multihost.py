@@ -16,89 +16,82 @@ others are killed at once (a lone host would wait forever in a collective).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pathlib
 import socket
 import subprocess
-import sys
-import textwrap
 import time
 
 import numpy as np
 import pytest
+from conftest import child_command
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_STEPS = 8
 BATCH_SIZE = 32
 TIMEOUT_S = 600
 
-CHILD_SCRIPT = textwrap.dedent(
-    f"""
-    import hashlib, json, os, sys
-    import jax
-    import numpy as np
 
-    out_dir, workdir, process_id, num_processes, port = sys.argv[1:6]
+def host(out_dir, workdir, process_id, num_processes, port) -> None:
+    """One host of the run (a child process): records what it reads and what it checkpoints."""
+    import jax  # noqa: PLC0415
+
     process_id, num_processes = int(process_id), int(num_processes)
     if num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
-    from configs import digits_sd
-    from sdjax import checkpoint, train
-    from sdjax.data import pipeline
+    import tiny_config  # noqa: PLC0415
 
-    # Record what this process reads from the dataset and what it checkpoints.
+    from sdjax import checkpoint, runtime, train  # noqa: PLC0415
+    from sdjax.data import pipeline  # noqa: PLC0415
+
     reads = []
     original_batch = pipeline.InMemoryData.train_batch
 
     def train_batch(self, seed, step, batch_size, process_index=0, process_count=1):
         batch = original_batch(self, seed, step, batch_size, process_index, process_count)
-        reads.append({{
-            "step": int(step), "process_index": process_index, "process_count": process_count,
-            "labels": batch["label"].tolist(),
-            "image_sha": [hashlib.sha256(x.tobytes()).hexdigest() for x in batch["image"]],
-        }})
+        reads.append(
+            {
+                "step": int(step),
+                "process_index": process_index,
+                "process_count": process_count,
+                "labels": batch["label"].tolist(),
+                "image_sha": [hashlib.sha256(x.tobytes()).hexdigest() for x in batch["image"]],
+            }
+        )
         return batch
 
     pipeline.InMemoryData.train_batch = train_batch
-    saved = {{}}
+    saved = {}
     original_save = checkpoint.Checkpointer.save
 
     def save(self, step, state, meta):
         flat = jax.tree_util.tree_flatten_with_path(state.params)[0]
         saved.clear()
-        saved.update({{jax.tree_util.keystr(p): np.asarray(x.addressable_data(0)) for p, x in flat}})
+        saved.update({jax.tree_util.keystr(p): np.asarray(x.addressable_data(0)) for p, x in flat})
         return original_save(self, step, state, meta)
 
     checkpoint.Checkpointer.save = save
 
-    config = digits_sd.get_config()
-    config.model.name = "cifar_resnet20"
-    config.model.widths = (4, 4, 8)
-    config.model.scan_blocks = False
-    config.model.drop_mode = "row"
+    config = tiny_config.get_config(f"steps={NUM_STEPS},mode=row,batch_size={BATCH_SIZE}")
     config.model.scale_by_keep = True
-    config.train.batch_size = {BATCH_SIZE}
-    config.train.eval_batch_size = 360
-    config.train.num_train_steps = {NUM_STEPS}
     config.train.log_every_steps = 1
     config.train.checkpoint_every_steps = 1000
-    config.train.progress_bar = False
     if num_processes > 1:
         config.train.distributed = True
-        config.train.coordinator_address = f"127.0.0.1:{{port}}"
+        config.train.coordinator_address = f"127.0.0.1:{port}"
         config.train.num_processes = num_processes
         config.train.process_id = process_id
-    results = train.train_and_evaluate(config, workdir)
+    runtime.setup(config)  # jax.distributed.initialize, as python -m sdjax.main does
+    results = train.train_and_evaluate(config, str(workdir))
     assert jax.process_count() == num_processes and jax.device_count() == 8
     assert jax.local_device_count() == 8 // num_processes
-    np.savez(os.path.join(out_dir, f"params_{{process_id}}.npz"), **saved)
-    with open(os.path.join(out_dir, f"reads_{{process_id}}.json"), "w") as f:
-        json.dump({{"reads": reads, "test_accuracy": results["test_accuracy"]}}, f)
+    np.savez(os.path.join(out_dir, f"params_{process_id}.npz"), **saved)
+    with open(os.path.join(out_dir, f"reads_{process_id}.json"), "w") as f:
+        json.dump({"reads": reads, "test_accuracy": results["test_accuracy"]}, f)
     print("OK", process_id)
-    """
-)
 
 
 def _free_port() -> int:
@@ -114,7 +107,7 @@ def _start(out_dir, workdir, process_id, num_processes, port, local_devices):
     log = open(out_dir / f"log_{process_id}.txt", "w+")  # noqa: SIM115
     args = [out_dir, workdir, process_id, num_processes, port]
     proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD_SCRIPT, *map(str, args)],
+        child_command(host, *args),
         cwd=REPO_ROOT,
         env=env,
         stdout=log,

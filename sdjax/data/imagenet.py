@@ -8,7 +8,9 @@ uses the standard Inception-style crop (random area 8%-100%, aspect 3/4-4/3) res
 Order: epoch ``e`` shuffles this host's files and records with a seed derived from
 ``(seed, e, process_index)``; a resumed run skips the already-consumed records of its epoch (before
 decoding), so it sees the same examples (the shuffle-buffer contents make the order approximate,
-not bitwise, across tf.data versions).
+not bitwise, across tf.data versions). The crop and flip of an example are stateless, drawn from
+a key of ``(that seed, the example's position in the epoch)``: a rerun and a resumed run draw the
+same ones.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ __all__ = ["StreamedData"]
 CROP_FRACTION = 0.875
 
 
-def _decode_and_random_crop(image_bytes: tf.Tensor, size: int) -> tf.Tensor:
+def _decode_and_random_crop(image_bytes: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
+    """Inception crop drawn statelessly from ``seed`` (int64 ``[2]``): a pure function of it."""
     shape = tf.io.extract_jpeg_shape(image_bytes)
-    begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
         shape,
+        seed=seed,
         bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4]),
         min_object_covered=0.1,
         aspect_ratio_range=(3 / 4, 4 / 3),
@@ -101,14 +105,16 @@ class StreamedData:
             ds = ds.skip(skip * local).take((spe - skip) * local)
 
             def train_map(ex, i, shuffle_seed=shuffle_seed):
+                # i: the example's position in this host's epoch (also after a resume).
                 key = tf.random.experimental.stateless_split(
                     tf.stack([tf.cast(shuffle_seed, tf.int64), i]), 2
                 )
-                image = _decode_and_random_crop(ex["image"], self.size)
+                image = _decode_and_random_crop(ex["image"], self.size, key[1])
                 image = tf.image.stateless_random_flip_left_right(image, key[0])
                 return {"image": image, "label": tf.cast(ex["label"], tf.int32)}
 
-            ds = ds.enumerate().map(lambda i, ex: train_map(ex, i), tf.data.AUTOTUNE)
+            ds = ds.enumerate(start=skip * local)
+            ds = ds.map(lambda i, ex: train_map(ex, i), tf.data.AUTOTUNE)
             ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
             yield from tfds.as_numpy(ds)
             epoch, skip = epoch + 1, 0

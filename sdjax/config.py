@@ -1,0 +1,409 @@
+"""The training config: its schema, config argument strings and per-field checks.
+
+Every hyperparameter of a run lives in one ``ml_collections.ConfigDict``. :func:`default_config`
+is the schema with its defaults (each field documented there); the files in ``configs/`` start
+from it and set what their experiment needs. :func:`apply_arg` applies a config argument string
+(``--config=configs/cifar10_sd.py:final_drop_rate=0.3,mode=batch``) and :func:`validate_fields`
+checks each field on its own (types and ranges), raising one ``ValueError`` that names the
+field, the bad value and the allowed values.
+
+This module is data: it imports no JAX, no models and no data code. Checks that need the real
+objects (a model name and its fields, the dataset on disk, image shapes, batch size vs devices,
+checkpoints) run once in :func:`sdjax.trainer.build` on the objects it builds anyway; the model
+validates its own fields (drop rate, schedule, mode) when it is constructed.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import numbers
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import ml_collections
+
+__all__ = [
+    "ALIASES",
+    "HARMLESS_FIELDS",
+    "LR_SCHEDULES",
+    "OPTIMIZERS",
+    "PRNG_IMPLS",
+    "apply_arg",
+    "default_config",
+    "get_field",
+    "parse_arg",
+    "validate_fields",
+    "validate_workdir",
+]
+
+PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
+OPTIMIZERS = ("sgd", "rmsprop")
+LR_SCHEDULES = ("step", "cosine", "exponential", "constant")
+WARMUP_TYPES = ("linear", "constant")
+WEIGHT_DECAY_ON = ("all", "kernels")
+# The positive normal range of float32 (numpy.finfo(numpy.float32).tiny / .max): a learning rate
+# outside it becomes 0 or inf in the float32 optimizer state.
+FLOAT32_TINY = 1.1754943508222875e-38
+FLOAT32_MAX = 3.4028234663852886e38
+
+HARMLESS_FIELDS = (
+    "input.data_dir",
+    "train.allow_config_change",
+    "train.checkpoint_every_steps",
+    "train.coordinator_address",
+    "train.distributed",
+    "train.eval_batch_size",
+    "train.host_malloc",
+    "train.keep_checkpoints",
+    "train.log_every_steps",
+    "train.num_cpu_devices",
+    "train.num_processes",
+    "train.process_id",
+    "train.progress_bar",
+)
+"""Fields a resumed run may change without ``train.allow_config_change``: they change where the
+data is read from, how often metrics and checkpoints are written, or how the work is spread over
+devices (a different device count only reorders float sums), never what is trained."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Returns the config schema with defaults (the paper's CIFAR-10 setup where one applies).
+
+    Fields:
+      seed: int, seeds parameters, data order, augmentation and drop gates.
+      prng_impl: PRNG implementation of the typed keys, one of ``PRNG_IMPLS``.
+      model.name: a name from ``sdjax.models.names()``.
+      model.*: every other field is passed to ``sdjax.models.create`` (``dtype`` is set from
+        ``train.half_precision``); fields not set here keep the model's own default (e.g.
+        ``scan_blocks``, ``remat``, ``conv_impl``); a config file or a dotted argument
+        (``model.scan_blocks=false``) may add them. The model validates them.
+      input.dataset: ``digits`` | ``cifar10`` | ``cifar100`` | ``svhn_cropped`` | ``imagenet2012``
+        | ``synthetic``.
+      input.data_dir: TFDS data directory; None -> ``$TFDS_DATA_DIR`` -> the tfds default.
+      input.train_split / input.test_split: TFDS split strings (slices like ``test[:256]`` work).
+      input.use_extra: SVHN only, add the 531k ``extra`` images to the training set.
+      input.validation_size: number of training examples held out (the last ones of a fixed
+        seeded permutation) for validation; 0 = no validation split.
+      input.augment.crop_padding: zero padding (after normalisation) before the random crop.
+      input.augment.flip: random horizontal flips.
+      input.normalize: per-channel mean/std normalisation (statistics of the training split).
+      input.image_size: ImageNet crop size (streamed datasets only; None = native size).
+      input.digits_test_size / input.split_seed: the fixed stratified digits test split.
+      input.synthetic_*: shape and size of the synthetic dataset.
+      input.shuffle_buffer: tf.data shuffle buffer (streamed datasets only).
+      optim.*: see ``sdjax.optim.create``; ``learning_rate`` must lie in float32's positive
+        normal range.
+      train.batch_size: global batch size (divisible by ``jax.device_count()``).
+      train.eval_batch_size: global eval batch size (divisible by the device count).
+      train.num_epochs / train.num_train_steps: length; steps > 0 overrides epochs.
+      train.eval_every_epochs: evaluate (validation and test) every this many epochs.
+      train.checkpoint_every_steps / train.keep_checkpoints: periodic saves (also at epoch ends).
+      train.log_every_steps: train metrics cadence (also when the loss and the new state are
+        checked for NaN/inf).
+      train.half_precision: bf16 compute (params and optimizer stay float32).
+      train.drop_warmup_fraction: in [0, 1); the drop rates ramp linearly from 0 to their
+        configured values over this fraction of the total steps (0 = no warm-up).
+      train.allow_config_change: resume a checkpoint although fields that change the trajectory
+        (all but ``HARMLESS_FIELDS``) differ from the config saved with it.
+      train.distributed: call ``jax.distributed.initialize`` (multi-host); the coordinator
+        fields are passed to it when set (else auto-detected on TPU/SLURM).
+      train.progress_bar: show a progress bar (only on an interactive terminal).
+      train.num_cpu_devices: 0 leaves JAX's CPU device count alone (1 unless
+        ``JAX_NUM_CPU_DEVICES`` says otherwise); n > 0 splits the CPU backend into n devices
+        (``sdjax.runtime.setup``, before JAX initializes) and training runs data-parallel over
+        them. Only the CPU backend is affected.
+      train.host_malloc: ``"auto"`` | ``"reuse"`` | ``"system"``, the host allocator setting
+        ``sdjax.runtime.setup`` applies (see ``sdjax.host_malloc``).
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.prng_impl = "threefry2x32"
+
+    # The paper's stochastic-depth fields; other model fields keep the model's defaults.
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "cifar_resnet110"
+    c.model.num_classes = 10
+    c.model.final_drop_rate = 0.5
+    c.model.drop_schedule = "linear"
+    c.model.drop_mode = "batch"
+    c.model.scale_by_keep = False
+
+    c.input = ml_collections.ConfigDict()
+    c.input.dataset = "cifar10"
+    c.input.data_dir = ml_collections.config_dict.placeholder(str)
+    c.input.train_split = "train"
+    c.input.test_split = "test"
+    c.input.use_extra = False
+    c.input.validation_size = 0
+    c.input.augment = ml_collections.ConfigDict({"crop_padding": 4, "flip": True})
+    c.input.normalize = True
+    c.input.image_size = ml_collections.config_dict.placeholder(int)
+    c.input.digits_test_size = 360
+    c.input.split_seed = 0
+    c.input.synthetic_image_shape = (32, 32, 3)
+    c.input.synthetic_num_train = 1024
+    c.input.synthetic_num_test = 256
+    c.input.synthetic_num_classes = 10
+    c.input.shuffle_buffer = 16384
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.optimizer = "sgd"
+    c.optim.learning_rate = 0.1
+    c.optim.momentum = 0.9
+    c.optim.nesterov = True
+    c.optim.weight_decay = 1e-4
+    c.optim.weight_decay_on = "all"
+    c.optim.lr_schedule = "step"
+    c.optim.boundaries = (0.5, 0.75)
+    c.optim.decay_factor = 0.1
+    c.optim.decay_epochs = 2.4
+    c.optim.warmup_epochs = 0.0
+    c.optim.warmup_steps = 0
+    c.optim.warmup_type = "linear"
+    c.optim.warmup_factor = 0.1
+    c.optim.rmsprop_decay = 0.9
+    c.optim.rmsprop_eps = 1e-3
+    c.optim.ema_decay = 0.0
+    c.optim.label_smoothing = 0.0
+
+    c.train = ml_collections.ConfigDict()
+    c.train.batch_size = 128
+    c.train.eval_batch_size = 500
+    c.train.num_epochs = 500
+    c.train.num_train_steps = -1
+    c.train.eval_every_epochs = 1
+    c.train.checkpoint_every_steps = 1000
+    c.train.keep_checkpoints = 3
+    c.train.log_every_steps = 50
+    c.train.half_precision = False
+    c.train.drop_warmup_fraction = 0.0
+    c.train.allow_config_change = False
+    c.train.distributed = False
+    c.train.coordinator_address = ml_collections.config_dict.placeholder(str)
+    c.train.num_processes = ml_collections.config_dict.placeholder(int)
+    c.train.process_id = ml_collections.config_dict.placeholder(int)
+    c.train.progress_bar = True
+    c.train.num_cpu_devices = 0
+    c.train.host_malloc = "auto"
+    return c
+
+
+ALIASES = {
+    "model": "model.name",
+    "final_drop_rate": "model.final_drop_rate",
+    "schedule": "model.drop_schedule",
+    "mode": "model.drop_mode",
+    "dataset": "input.dataset",
+    "data_dir": "input.data_dir",
+    "validation_size": "input.validation_size",
+    "lr": "optim.learning_rate",
+    "batch_size": "train.batch_size",
+    "epochs": "train.num_epochs",
+    "steps": "train.num_train_steps",
+    "half_precision": "train.half_precision",
+    "seed": "seed",
+    "prng_impl": "prng_impl",
+}
+
+
+def parse_arg(arg: str | None) -> dict[str, str]:
+    """Parses a config argument string ``"key=value,key2=value2"`` into a dict of strings.
+
+    Raises:
+      ValueError: for an item without ``=`` or an empty key.
+    """
+    if not arg:
+        return {}
+    out = {}
+    for item in arg.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(
+                f"config argument {item!r} is not key=value; expected e.g. "
+                "'configs/cifar10_sd.py:final_drop_rate=0.3,mode=batch'."
+            )
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _convert(text: str, old: Any, field: str) -> Any:
+    """``text`` converted to the type of the current value ``old`` of ``field``."""
+    if isinstance(old, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"config argument {field}={text!r}: expected true or false.")
+    try:
+        if isinstance(old, int):
+            return int(text)
+        if isinstance(old, float):
+            return float(text)
+    except ValueError:
+        raise ValueError(
+            f"config argument {field}={text!r}: expected a {type(old).__name__}."
+        ) from None
+    if isinstance(old, tuple):
+        return tuple(_convert(t, old[0], field) for t in text.split(";")) if old else ()
+    if text.lower() == "none":
+        return None
+    return text
+
+
+def _literal(text: str) -> Any:
+    """A new model field's value: true/false, a number, a ``;``-separated tuple, or the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if ";" in text:
+        return tuple(_literal(t) for t in text.split(";"))
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_arg(
+    config: ml_collections.ConfigDict, arg: str | None, aliases: Mapping[str, str] | None = None
+) -> ml_collections.ConfigDict:
+    """Applies a config argument string to ``config`` in place and returns it.
+
+    Keys are short aliases (``aliases`` maps them to dotted config paths, default
+    :data:`ALIASES`, e.g. ``final_drop_rate`` -> ``model.final_drop_rate``, ``mode`` ->
+    ``model.drop_mode``, ``steps`` -> ``train.num_train_steps``) or full dotted paths
+    (``train.num_epochs``). Values are converted to the type of the current value (bool:
+    true/false; tuples: ``;`` separated). A ``model.X`` path that the config does not set yet
+    adds the model field ``X`` (the model checks its name and value).
+
+    Raises:
+      ValueError: an unknown key (the message lists the valid short keys) or a value that does
+        not convert to the field's type.
+    """
+    aliases = ALIASES if aliases is None else aliases
+    for key, text in parse_arg(arg).items():
+        path = aliases.get(key, key)
+        *parents, leaf = path.split(".")
+        node = config
+        try:
+            for p in parents:
+                node = node[p]
+            if parents == ["model"] and leaf not in node:
+                node[leaf] = _literal(text)
+                continue
+            old = node[leaf]
+        except (KeyError, AttributeError, TypeError):
+            raise ValueError(
+                f"unknown config argument {key!r}; valid keys: {sorted(aliases)} "
+                "or any dotted config path such as train.num_epochs."
+            ) from None
+        node[leaf] = _convert(text, old, key)
+    return config
+
+
+def get_field(config: Any, field: str) -> Any:
+    """The value at the dotted path ``field`` of ``config`` (a ConfigDict or a nested dict)."""
+    node = config
+    for p in field.split("."):
+        node = node[p]
+    return node
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"config.{field}={value!r} is invalid; allowed: {allowed}.")
+
+
+def _check_choice(config: ml_collections.ConfigDict, field: str, choices: tuple) -> None:
+    value = get_field(config, field)
+    if value not in choices:
+        _fail(field, value, f"one of {list(choices)}")
+
+
+def _check_number(
+    config, field, *, low=None, high=None, low_open=False, high_open=False, integer=False
+) -> None:
+    value = get_field(config, field)
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(
+        value, bool
+    )
+    if ok and not integer:
+        ok = not math.isnan(value) and not math.isinf(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        _fail(field, value, f"{kind} {' and '.join(s for s in (lo, hi) if s) or 'finite'}")
+
+
+def validate_fields(config: ml_collections.ConfigDict) -> None:
+    """Checks every field that can be judged on its own: names, types and ranges.
+
+    Model fields are checked by the model when it is built and the dataset name by
+    ``sdjax.data`` (see the module docstring).
+
+    Raises:
+      ValueError: naming the field, the value and the allowed values.
+    """
+    _check_number(config, "seed", low=0, integer=True)
+    _check_choice(config, "prng_impl", PRNG_IMPLS)
+    if not isinstance(config.model.get("name"), str):
+        _fail("model.name", config.model.get("name"), "a model name (sdjax.models.names())")
+
+    _check_number(config, "input.validation_size", low=0, integer=True)
+    _check_number(config, "input.augment.crop_padding", low=0, integer=True)
+
+    _check_choice(config, "optim.optimizer", OPTIMIZERS)
+    _check_choice(config, "optim.lr_schedule", LR_SCHEDULES)
+    _check_choice(config, "optim.warmup_type", WARMUP_TYPES)
+    _check_choice(config, "optim.weight_decay_on", WEIGHT_DECAY_ON)
+    _check_number(config, "optim.learning_rate", low=FLOAT32_TINY, high=FLOAT32_MAX)
+    _check_number(config, "optim.momentum", low=0, high=1, high_open=True)
+    _check_number(config, "optim.weight_decay", low=0)
+    _check_number(config, "optim.decay_factor", low=0, low_open=True)
+    _check_number(config, "optim.ema_decay", low=0, high=1, high_open=True)
+    _check_number(config, "optim.label_smoothing", low=0, high=1, high_open=True)
+    _check_number(config, "optim.warmup_epochs", low=0)
+    _check_number(config, "optim.warmup_steps", low=0, integer=True)
+    bounds = tuple(config.optim.boundaries)
+    if any(not 0 < b < 1 for b in bounds) or list(bounds) != sorted(bounds):
+        _fail("optim.boundaries", bounds, "increasing fractions of training in (0, 1)")
+
+    for field in ("batch_size", "eval_batch_size", "eval_every_epochs", "log_every_steps"):
+        _check_number(config, f"train.{field}", low=1, integer=True)
+    _check_number(config, "train.checkpoint_every_steps", low=1, integer=True)
+    _check_number(config, "train.keep_checkpoints", low=1, integer=True)
+    _check_number(config, "train.num_epochs", low=0, low_open=True)
+    _check_number(config, "train.num_train_steps", low=-1, integer=True)
+    if config.train.num_train_steps == 0:
+        _fail("train.num_train_steps", 0, "-1 (use num_epochs) or a positive integer")
+    _check_number(config, "train.drop_warmup_fraction", low=0, high=1, high_open=True)
+    value = config.train.get("num_cpu_devices", 0)
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 0:
+        _fail("train.num_cpu_devices", value, "an integer >= 0 (0: JAX's default device count)")
+
+
+def validate_workdir(workdir: str) -> None:
+    """Checks that ``workdir`` exists or can be created, and is writable.
+
+    Creates the directory (and parents) if missing; writes and removes a temporary file.
+
+    Raises:
+      ValueError: naming the workdir and the OS error.
+    """
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_test_"):
+            pass
+    except OSError as e:
+        raise ValueError(
+            f"workdir {workdir!r} is not writable ({e.strerror or e}); pass --workdir=DIR with a "
+            "directory you can write to."
+        ) from None
