@@ -1,7 +1,7 @@
 """Train-step benchmark: compile time and step time of sdjax models, with stochastic depth, vs PyTorch.
 
 One process, one run, every figure side by side. For each model and setting it builds the model,
-jit-compiles the package's training step (`sdjax.train.train_step`: forward in train mode,
+jit-compiles the package's training step (`sdjax.steps.train_step`: forward in train mode,
 softmax cross-entropy, backward, SGD with Nesterov momentum and weight decay, BatchNorm
 statistics update), times `lower` + `compile`, then times ``--steps`` steps after ``--warmup``
 untimed ones. When torch is importable (the ``bench`` extra) the same network in PyTorch eager
@@ -21,7 +21,7 @@ Settings (``--settings``; extra rows for single models with ``--extra MODEL:SETT
   (``drop_mode="batch"``). PyTorch peer: the paper's ``if rand < drop: skip`` in Python.
 * modifiers appended with ``+``: ``+xla`` / ``+fast`` (``conv_impl``), ``+scan``
   (``scan_blocks=True``), ``+dp`` (data-parallel: the batch sharded over the trainer's mesh,
-  `sdjax.train.create_mesh`, parameters replicated; on CPU the device count is
+  `sdjax.runtime.create_mesh`, parameters replicated; on CPU the device count is
   ``--cpu_devices``). Rows with modifiers are JAX-only; their PyTorch ratio uses the peer of the
   base setting. Ratios between settings are taken within one modifier group.
 

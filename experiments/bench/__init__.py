@@ -5,7 +5,7 @@
 * `transformer`: the transformer MLP stack workload (a Flax module over
   `sdjax.layers.DropPathResidual`).
 * `macs`: analytic multiply-accumulates per residual block; ideal and realized kept compute.
-* `timing`: compiles and times the package's train step (`sdjax.train.train_step`).
+* `timing`: compiles and times the package's train step (`sdjax.steps.train_step`).
 * `torch_peer`: times the PyTorch eager peer (`experiments/torch_models.py`).
 * `analysis`: ratios between settings and frameworks, and the targets met / missed.
 * `report`: the markdown report.

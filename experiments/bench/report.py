@@ -44,7 +44,7 @@ def _header(report: dict[str, Any]) -> list[str]:
         "# sdjax train-step benchmark",
         "",
         "Produced by `experiments/benchmark.py` in one process run; see its docstring for the "
-        "definitions. Times are per training step of `sdjax.train.train_step` (forward, "
+        "definitions. Times are per training step of `sdjax.steps.train_step` (forward, "
         "backward, SGD-Nesterov update, BN statistics update), synthetic data, float32 unless "
         "stated.",
         "",

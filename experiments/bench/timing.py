@@ -1,9 +1,9 @@
-"""Compiles and times the package's train step (`sdjax.train.train_step`) for one setting.
+"""Compiles and times the package's train step (`sdjax.steps.train_step`) for one setting.
 
-The state comes from `sdjax.train.create_train_state`, the optimizer from `sdjax.optim.create`
+The state comes from `sdjax.steps.create_train_state`, the optimizer from `sdjax.optim.create`
 (SGD, Nesterov momentum 0.9, L2 weight decay 1e-4 on every parameter, constant learning rate
 0.1), and the step is jitted as the trainer jits it (state donated). ``+dp`` rows run on the
-trainer's mesh (`sdjax.train.create_mesh`: all devices, batch sharded on ``"data"``, state
+trainer's mesh (`sdjax.runtime.create_mesh`: all devices, batch sharded on ``"data"``, state
 replicated); other rows run on the default device. Inputs are already normalized: the step's
 preprocessing is the identity (mean 0, std 1, no crop, no flip).
 
@@ -30,7 +30,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from experiments.bench import macs, settings
-from sdjax import models, optim, train
+from sdjax import models, optim, runtime, steps
 
 LEARNING_RATE = 0.1
 MOMENTUM = 0.9
@@ -61,7 +61,7 @@ def train_config() -> ml_collections.ConfigDict:
 
 
 def dropout_key(train_key: jax.Array, step: int) -> jax.Array:
-    """The ``"dropout"`` key `sdjax.train.train_step` uses at ``state.step == step``."""
+    """The ``"dropout"`` key `sdjax.steps.train_step` uses at ``state.step == step``."""
     return jax.random.fold_in(jax.random.fold_in(train_key, step), 0)
 
 
@@ -111,16 +111,16 @@ def run_jax(
     init_key, train_key = jax.random.fold_in(run_key, 0), jax.random.fold_in(run_key, 1)
     tx = optim.create(train_config().optim, total_steps=1, steps_per_epoch=1)
     init_fn = functools.partial(
-        train.create_train_state, train_config(), model, wl.input_shape, tx=tx
+        steps.create_train_state, train_config(), model, wl.input_shape, tx=tx
     )
     step_fn = functools.partial(
-        train.train_step,
+        steps.train_step,
         augment_kwargs=IDENTITY_PREPROCESS,
         num_classes=settings.NUM_CLASSES,
         block_gates=_gates_fn(model, setting),
     )
     if setting.data_parallel:
-        mesh = train.create_mesh()
+        mesh = runtime.create_mesh()
         replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
         devices = mesh.size
         init_jit = jax.jit(init_fn, out_shardings=replicated)
@@ -209,7 +209,7 @@ def _realized_gates(name, model, wl, train_key, metrics, args) -> dict[str, Any]
     if blocks_run != [int(g.sum()) for g in gates]:
         raise RuntimeError(
             f"{name}: the steps ran {blocks_run} blocks but the gates of dropout_key() give "
-            f"{[int(g.sum()) for g in gates]}; dropout_key no longer matches sdjax.train"
+            f"{[int(g.sum()) for g in gates]}; dropout_key no longer matches sdjax.steps"
         )
     return {
         "blocks_run_per_step": blocks_run,
