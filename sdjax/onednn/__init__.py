@@ -5,8 +5,8 @@ Needs a C++ compiler and oneDNN (Debian/Ubuntu: ``apt-get install -y libdnnl-dev
 ``impl="auto"`` on CPU. ``python -m sdjax.onednn build`` builds the handlers ahead of time.
 """
 
-from sdjax.onednn.library import INSTALL_HINT, build, library_path
 from sdjax.onednn.conv import DTYPES, available, conv2d, impl_info, unavailable_reason
+from sdjax.onednn.library import INSTALL_HINT, build, library_path
 
 __all__ = [
     "DTYPES",

@@ -163,13 +163,44 @@ def _make_partitioned(kind):
     return call
 
 
-_CALLS = tuple(_make_partitioned(kind) for kind in (_FWD, _BWD_DATA, _BWD_WEIGHTS))
+_PARTITIONED = tuple(_make_partitioned(kind) for kind in (_FWD, _BWD_DATA, _BWD_WEIGHTS))
+
+
+@functools.cache
+def _batchable(kind, params):
+    """The pass for static ``params`` with a `jax.vmap` rule (custom_partitioning has none).
+
+    A mapped activation with a shared kernel folds the mapped axis into the batch (one call);
+    anything else (a mapped kernel, or the kernel gradient) runs one call per element.
+    """
+
+    @jax.custom_batching.custom_vmap
+    def call(a, b):
+        return _PARTITIONED[kind](a, b, params)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, a, b):
+        a_batched, b_batched = in_batched
+        if kind != _BWD_WEIGHTS and not b_batched:
+            out = call(a.reshape(-1, *a.shape[2:]), b)
+            return out.reshape(axis_size, -1, *out.shape[1:]), True
+        if not a_batched:
+            a = jnp.broadcast_to(a, (axis_size, *a.shape))
+        if not b_batched:
+            b = jnp.broadcast_to(b, (axis_size, *b.shape))
+        return jax.lax.map(lambda ab: call(*ab), (a, b)), True
+
+    return call
+
+
+def _run(kind, a, b, params):
+    return _batchable(kind, params)(a, b)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv(x, kernel, strides, pads, groups):
     params = (strides, pads, groups, x.shape[1:3], kernel.shape)
-    return _CALLS[_FWD](x, kernel, params)
+    return _run(_FWD, x, kernel, params)
 
 
 def _conv_fwd(x, kernel, strides, pads, groups):
@@ -180,8 +211,8 @@ def _conv_bwd(strides, pads, groups, residuals, g):
     x, kernel = residuals
     params = (strides, pads, groups, x.shape[1:3], kernel.shape)
     g = g.astype(x.dtype)
-    dx = _CALLS[_BWD_DATA](g, kernel, params)
-    dkernel = _CALLS[_BWD_WEIGHTS](x, g, params)
+    dx = _run(_BWD_DATA, g, kernel, params)
+    dkernel = _run(_BWD_WEIGHTS, x, g, params)
     return dx, dkernel
 
 
@@ -247,7 +278,9 @@ def impl_info(
         raise ValueError(f"impl_info: kind={kind!r} is not valid; allowed values: {list(kinds)}")
     dtype = jnp.dtype(dtype)
     if dtype not in DTYPES:
-        raise ValueError(f"impl_info: dtype={dtype} is not valid; allowed values: float32, bfloat16")
+        raise ValueError(
+            f"impl_info: dtype={dtype} is not valid; allowed values: float32, bfloat16"
+        )
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(reason)

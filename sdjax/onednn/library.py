@@ -142,9 +142,7 @@ def load() -> ctypes.CDLL:
         except OSError as err:
             raise RuntimeError(f"sdjax.onednn: cannot load {path}: {err}; {INSTALL_HINT}") from err
         for name in TARGETS:
-            jax.ffi.register_ffi_target(
-                name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu"
-            )
+            jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
         lib.sdjax_onednn_impl_info.argtypes = [
             ctypes.c_int,
             ctypes.c_int,
