@@ -145,7 +145,7 @@ def conv2d(
     kernel = kernel.astype(dtype)
 
     if resolved == "onednn":
-        if _onednn_takes(impl, dtype):
+        if _onednn_takes(impl, dtype, x.shape, kernel.shape, strides, pads, groups):
             return _onednn_conv(x, kernel, strides, pads, groups)
         resolved = "fast"
     in_channels = x.shape[-1]
@@ -170,16 +170,23 @@ def _xla_conv(x, kernel, strides, pads, groups):
     )
 
 
-def _onednn_takes(impl: str, dtype) -> bool:
-    """Whether the oneDNN route runs this dtype; an explicit ``impl="onednn"`` must get it."""
+def _onednn_takes(impl: str, dtype, x_shape, kernel_shape, strides, pads, groups) -> bool:
+    """Whether the oneDNN route runs this case; an explicit ``impl="onednn"`` must get it.
+
+    ``"auto"`` skips cases oneDNN would run with reference kernels (`onednn.has_fast_kernels`).
+    """
     from sdjax import onednn
 
     if jnp.dtype(dtype) in onednn.DTYPES:
-        if impl == "onednn" and not onednn.available():
-            raise RuntimeError(
-                f"conv2d: impl='onednn' is unavailable: {onednn.unavailable_reason()}"
-            )
-        return True
+        if impl == "onednn":
+            if not onednn.available():
+                raise RuntimeError(
+                    f"conv2d: impl='onednn' is unavailable: {onednn.unavailable_reason()}"
+                )
+            return True
+        return onednn.has_fast_kernels(
+            tuple(x_shape), tuple(kernel_shape), strides, pads, groups, jnp.dtype(dtype).name
+        )
     if impl == "onednn":
         raise ValueError(
             f"conv2d: impl='onednn' does not take dtype={jnp.dtype(dtype)}; allowed dtypes: "

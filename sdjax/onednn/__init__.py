@@ -5,7 +5,14 @@ Needs a C++ compiler and oneDNN (Debian/Ubuntu: ``apt-get install -y libdnnl-dev
 ``impl="auto"`` on CPU. ``python -m sdjax.onednn build`` builds the handlers ahead of time.
 """
 
-from sdjax.onednn.conv import DTYPES, available, conv2d, impl_info, unavailable_reason
+from sdjax.onednn.conv import (
+    DTYPES,
+    available,
+    conv2d,
+    has_fast_kernels,
+    impl_info,
+    unavailable_reason,
+)
 from sdjax.onednn.library import INSTALL_HINT, build, library_path
 
 __all__ = [
@@ -14,6 +21,7 @@ __all__ = [
     "available",
     "build",
     "conv2d",
+    "has_fast_kernels",
     "impl_info",
     "library_path",
     "unavailable_reason",

@@ -28,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from sdjax.onednn import library as _library
 
-__all__ = ["DTYPES", "available", "conv2d", "impl_info", "unavailable_reason"]
+__all__ = ["DTYPES", "available", "conv2d", "has_fast_kernels", "impl_info", "unavailable_reason"]
 
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 """Element types the handlers accept (all operands share one)."""
@@ -298,3 +298,27 @@ def impl_info(
     if rc != 0:
         raise RuntimeError(f"impl_info: oneDNN cannot run this case: {text}")
     return text
+
+
+@functools.cache
+def has_fast_kernels(
+    x_shape: tuple[int, ...],
+    kernel_shape: tuple[int, ...],
+    strides: tuple[int, int],
+    pads: _Pads,
+    feature_group_count: int = 1,
+    dtype: str = "float32",
+) -> bool:
+    """True when oneDNN runs all three passes of this case with optimized (non-reference) kernels.
+
+    Reference kernels (``"ref:..."``) are what oneDNN falls back to when the CPU lacks the ISA
+    for a case (e.g. bfloat16 without AVX-512); they are far slower than XLA. Cached per case.
+    """
+    for kind in ("fwd", "bwd_data", "bwd_weights"):
+        try:
+            name = impl_info(kind, x_shape, kernel_shape, strides, pads, feature_group_count, dtype)
+        except RuntimeError:
+            return False
+        if name.startswith("ref"):
+            return False
+    return True
