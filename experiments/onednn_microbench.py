@@ -34,10 +34,7 @@ import numpy as np
 from experiments import common
 from sdjax import conv, host_malloc, models, onednn
 
-try:  # the `bench` extra
-    import torch
-except ImportError:  # pragma: no cover - depends on the environment
-    torch = None
+torch = None  # imported in main(), after oneDNN's OpenMP runtime is loaded (see there)
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results" / "onednn"
 IMPLS = ("xla", "fast", "onednn")
@@ -217,7 +214,8 @@ def to_markdown(result: dict) -> str:
         "# oneDNN route vs XLA vs PyTorch (per convolution)",
         "",
         f"Host: {cpu['model']}, ISA {', '.join(cpu['isa'])}, {cpu['cores']} cores; "
-        f"oneDNN kernels: {result['onednn_impl']}; PyTorch: {result['torch']}.  ",
+        f"oneDNN kernels: {result['onednn_impl']}, threads {result['onednn_threads']}, "
+        f"OMP_WAIT_POLICY {result['omp_wait_policy']}; PyTorch: {result['torch']}.  ",
         "Median wall ms per call (jitted; interleaved rounds in one process; shared machine: "
         "compare ratios). xla = stock lax conv, fast = sdjax XLA formulations, onednn = "
         "sdjax.onednn, torch = PyTorch eager channels-last.",
@@ -261,10 +259,18 @@ def main(argv=None):
     reason = onednn.unavailable_reason()
     if reason is not None:
         raise SystemExit(f"oneDNN route unavailable: {reason}")
+    # PyTorch after sdjax.onednn: both then share one OpenMP runtime and its wait policy.
+    global torch
+    try:  # the `bench` extra
+        import torch
+    except ImportError:  # pragma: no cover - depends on the environment
+        torch = None
     shape = CASES["3x3 16->16 32x32 s1"]
     result = {
         "cpu": cpu_isa(),
         "onednn_impl": onednn.impl_info("fwd", shape[0], shape[1], (1, 1), ((1, 1), (1, 1))),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "onednn_threads": os.environ.get("SDJAX_ONEDNN_THREADS", "cores / devices"),
         "torch": "not run"
         if torch is None
         else f"torch {torch.__version__}, {torch.get_num_threads()} threads",
