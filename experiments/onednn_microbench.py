@@ -167,8 +167,8 @@ def time_convs(args) -> list[dict]:
     return rows
 
 
-def _model_step(model_name, conv_impl, batch):
-    model = models.create(model_name, conv_impl=conv_impl)
+def _model_step(model_name, conv_impl, batch, **overrides):
+    model = models.create(model_name, conv_impl=conv_impl, **overrides)
     images = jax.random.normal(jax.random.key(0), (batch, 32, 32, 3), jnp.float32)
     labels = jax.random.randint(jax.random.key(1), (batch,), 0, 10)
     variables = model.init({"params": jax.random.key(2)}, images, train=False)
@@ -201,11 +201,33 @@ def _model_step(model_name, conv_impl, batch):
     return run
 
 
+def _torch_step(model_name, batch):
+    from experiments import torch_models
+
+    torch.manual_seed(0)
+    model = torch_models.create(
+        model_name, drop_rates=None, drop_mode="row", scale_by_keep=True, num_classes=10
+    )
+    step = torch_models.make_train_step(model)
+    images = torch.randn(batch, 3, 32, 32)
+    labels = torch.randint(0, 10, (batch,))
+    return lambda: step(images, labels)
+
+
 def time_model(args) -> dict:
-    callables = {impl: _model_step(args.model, impl, 128) for impl in ("fast", "onednn")}
+    """Median step ms: constant depth (fast, onednn, torch) and the model's default drop mode."""
+    callables = {
+        f"{impl} constant": _model_step(args.model, impl, 128, final_drop_rate=0.0)
+        for impl in ("fast", "onednn")
+    }
+    callables.update(
+        {f"{impl} default drop": _model_step(args.model, impl, 128) for impl in ("fast", "onednn")}
+    )
+    if torch is not None:
+        callables["torch constant"] = _torch_step(args.model, 128)
     ms = _interleaved(callables, rounds=args.model_steps, per_round=1)
     print(args.model, {k: round(v, 1) for k, v in ms.items()}, flush=True)
-    return dict(model=args.model, batch=128, steps_per_impl=args.model_steps, **ms)
+    return dict(model=args.model, batch=128, steps_per_impl=args.model_steps, ms=ms)
 
 
 def to_markdown(result: dict) -> str:
@@ -235,13 +257,22 @@ def to_markdown(result: dict) -> str:
         )
     if result.get("model"):
         m = result["model"]
+        ms = m["ms"]
         lines += [
             "",
-            f"Train step of `models.create({m['model']!r}, conv_impl=...)`, batch {m['batch']}, "
-            f"plain jitted SGD, median of {m['steps_per_impl']} interleaved steps: fast "
-            f"{m['fast']:.0f} ms, onednn {m['onednn']:.0f} ms (onednn / fast = "
-            f"{m['onednn'] / m['fast']:.2f}).",
+            f"Train step of `models.create({m['model']!r}, conv_impl=...)` (constant: "
+            "`final_drop_rate=0.0`; default drop: the model's default stochastic depth), batch "
+            f"{m['batch']}, plain jitted SGD, vs the PyTorch eager peer "
+            f"(experiments/torch_models.py); median of {m['steps_per_impl']} interleaved steps:",
+            "",
+            "| step | ms | / fast constant | / torch constant |",
+            "|---|---:|---:|---:|",
         ]
+        for name, value in ms.items():
+            vs_torch = value / ms["torch constant"] if "torch constant" in ms else float("nan")
+            lines.append(
+                f"| {name} | {value:.0f} | {value / ms['fast constant']:.2f} | {vs_torch:.2f} |"
+            )
     lines += ["", common.provenance_markdown(result["provenance"])]
     return "\n".join(lines)
 
