@@ -59,7 +59,11 @@ def available() -> bool:
 
 
 def _num_threads(num_devices: int) -> int:
-    """OpenMP threads per call: ``SDJAX_ONEDNN_THREADS``, else the usable cores / devices."""
+    """OpenMP threads per call: ``SDJAX_ONEDNN_THREADS``, else the usable cores / devices.
+
+    ``num_devices`` CPU devices may each run a call at once (data parallelism), so each gets
+    an equal share of the cores and the host is not oversubscribed.
+    """
     env = os.environ.get("SDJAX_ONEDNN_THREADS")
     if env:
         return max(1, int(env))
@@ -121,7 +125,10 @@ def _make_partitioned(kind):
     def call(a, b, params):
         out_shape = _result_shape(kind, a.shape, b.shape, params)
         strides, pads, groups = params[:3]
-        return _raw_call(kind, a, b, out_shape, strides, pads, groups, _num_threads(1))
+        # Unpartitioned (one device, or per shard inside shard_map): the cores are shared by
+        # however many CPU devices the process has.
+        threads = _num_threads(len(jax.local_devices(backend="cpu")))
+        return _raw_call(kind, a, b, out_shape, strides, pads, groups, threads)
 
     def partition(params, mesh, arg_shapes, result_shape):
         del result_shape
