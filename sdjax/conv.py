@@ -27,6 +27,7 @@ not tuned or required. Grouped convolutions other than depthwise fall back to
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import jax
@@ -35,7 +36,7 @@ from jax import lax
 
 __all__ = ["IMPLS", "conv2d", "resolve_impl"]
 
-IMPLS = ("auto", "fast", "xla")
+IMPLS = ("auto", "fast", "xla", "onednn")
 """Valid values of `conv2d`'s ``impl`` argument."""
 
 PaddingLike = str | Sequence[Sequence[int]]
@@ -48,11 +49,14 @@ def resolve_impl(impl: str) -> str:
     """Returns the implementation ``impl`` stands for on the current default backend.
 
     Args:
-      impl: ``"auto"``, ``"fast"`` or ``"xla"``.
+      impl: one of `IMPLS`.
 
     Returns:
-      ``"fast"`` or ``"xla"``: ``"auto"`` is ``"fast"`` when `jax.default_backend()`
-      is ``"cpu"`` and ``"xla"`` otherwise. Decided on the host (at trace time).
+      ``"onednn"``, ``"fast"`` or ``"xla"``. ``"auto"`` is ``"onednn"`` when
+      `jax.default_backend()` is ``"cpu"`` and the oneDNN route is available
+      (`sdjax.onednn.available`; ``SDJAX_ONEDNN=0`` in the environment turns this
+      off), else ``"fast"`` on CPU and ``"xla"`` on other backends. Decided on the host
+      (at trace time); the first call may build the oneDNN handlers (seconds, once).
 
     Raises:
       ValueError: ``impl`` is not one of `IMPLS`.
@@ -60,8 +64,19 @@ def resolve_impl(impl: str) -> str:
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"conv2d: impl={impl!r} is not valid; allowed values: {', '.join(IMPLS)}")
     if impl == "auto":
-        return "fast" if jax.default_backend() == "cpu" else "xla"
+        if jax.default_backend() != "cpu":
+            return "xla"
+        return "onednn" if _auto_onednn() else "fast"
     return impl
+
+
+def _auto_onednn() -> bool:
+    """Whether ``impl="auto"`` may use oneDNN in this process (imports it lazily)."""
+    if os.environ.get("SDJAX_ONEDNN", "1").lower() in ("0", "false", "no", "off"):
+        return False
+    from sdjax import onednn
+
+    return onednn.available()
 
 
 def conv2d(
@@ -87,9 +102,13 @@ def conv2d(
       feature_group_count: number of channel groups, dividing ``C_in`` and ``C_out``.
         ``1`` is a regular convolution, ``C_in`` a depthwise one (any channel
         multiplier ``C_out // C_in``). Other values use `lax.conv_general_dilated`.
-      impl: ``"auto"`` (the fast path when `jax.default_backend()` is ``"cpu"``, the
-        stock XLA convolution on other backends), ``"fast"`` (always the fast path)
-        or ``"xla"`` (always `lax.conv_general_dilated`).
+      impl: ``"auto"`` (on CPU: oneDNN when available, else the fast path; the stock
+        XLA convolution on other backends, see `resolve_impl`), ``"fast"`` (always the
+        fast path), ``"xla"`` (always `lax.conv_general_dilated`) or ``"onednn"``
+        (oneDNN kernels through XLA FFI custom calls, `sdjax.onednn`; float32 and
+        bfloat16, any grouping). The oneDNN route runs only where the program runs on
+        CPU: it sits in a `lax.platform_dependent` whose other branch is the stock XLA
+        convolution, so programs lowered or exported for GPU/TPU contain no custom call.
 
     Returns:
       ``(N, H_out, W_out, C_out)`` array in the (promoted) input dtype. Values and
@@ -99,8 +118,11 @@ def conv2d(
 
     Raises:
       ValueError: on a bad ``impl``, ``strides``, ``padding`` or
-        ``feature_group_count``, on mismatched channel counts or ranks, or when
-        the output would be empty. Raised on the host, before compiling.
+        ``feature_group_count``, on mismatched channel counts or ranks, when
+        the output would be empty, or ``impl="onednn"`` with a dtype other than
+        float32/bfloat16. Raised on the host, before compiling.
+      RuntimeError: ``impl="onednn"`` but the oneDNN route is unavailable (the message
+        names the install line).
 
     Notes:
       Works under `jax.jit`, `jax.vmap`, `jax.grad`, `lax.cond`, `lax.scan` and
@@ -122,22 +144,67 @@ def conv2d(
     x = x.astype(dtype)
     kernel = kernel.astype(dtype)
 
+    if resolved == "onednn":
+        if _onednn_takes(impl, dtype, x.shape, kernel.shape, strides, pads, groups):
+            return _onednn_conv(x, kernel, strides, pads, groups)
+        resolved = "fast"
     in_channels = x.shape[-1]
     depthwise = groups == in_channels and kernel.shape[2] == 1 and groups > 1
     if resolved == "xla" or (groups != 1 and not depthwise):
-        return lax.conv_general_dilated(
-            x,
-            kernel,
-            window_strides=strides,
-            padding=pads,
-            dimension_numbers=_DIMENSION_NUMBERS,
-            feature_group_count=groups,
-        )
+        return _xla_conv(x, kernel, strides, pads, groups)
     if depthwise:
         return _depthwise_conv(x, kernel, strides, pads)
     if kernel.shape[:2] == (1, 1):
         return _pointwise_conv(x, kernel, strides, pads)
     return _conv_fast(x, kernel, strides, pads)
+
+
+def _xla_conv(x, kernel, strides, pads, groups):
+    return lax.conv_general_dilated(
+        x,
+        kernel,
+        window_strides=strides,
+        padding=pads,
+        dimension_numbers=_DIMENSION_NUMBERS,
+        feature_group_count=groups,
+    )
+
+
+def _onednn_takes(impl: str, dtype, x_shape, kernel_shape, strides, pads, groups) -> bool:
+    """Whether the oneDNN route runs this case; an explicit ``impl="onednn"`` must get it.
+
+    ``"auto"`` skips cases oneDNN would run with reference kernels (`onednn.has_fast_kernels`).
+    """
+    from sdjax import onednn
+
+    if jnp.dtype(dtype) in onednn.DTYPES:
+        if impl == "onednn":
+            if not onednn.available():
+                raise RuntimeError(
+                    f"conv2d: impl='onednn' is unavailable: {onednn.unavailable_reason()}"
+                )
+            return True
+        return onednn.has_fast_kernels(
+            tuple(x_shape), tuple(kernel_shape), strides, pads, groups, jnp.dtype(dtype).name
+        )
+    if impl == "onednn":
+        raise ValueError(
+            f"conv2d: impl='onednn' does not take dtype={jnp.dtype(dtype)}; allowed dtypes: "
+            "float32, bfloat16 (use impl='auto' to fall back to the XLA formulations)"
+        )
+    return False
+
+
+def _onednn_conv(x, kernel, strides, pads, groups):
+    """oneDNN on CPU, the stock XLA convolution on any other platform (chosen at lowering)."""
+    from sdjax import onednn
+
+    return lax.platform_dependent(
+        x,
+        kernel,
+        cpu=lambda a, b: onednn.conv2d(a, b, strides, pads, groups),
+        default=lambda a, b: _xla_conv(a, b, strides, pads, groups),
+    )
 
 
 # ----------------------------------------------------------------------------------------------

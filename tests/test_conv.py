@@ -158,7 +158,9 @@ def test_vmap_matches_lax():
     "k_shape, groups, expected",
     [((3, 3, 4, 4), 1, "custom_vjp"), ((3, 3, 1, 4), 4, "custom_vjp"), ((1, 1, 4, 4), 1, "dot")],
 )
-def test_auto_selects_fast_path_on_cpu(k_shape, groups, expected):
+def test_auto_selects_fast_path_on_cpu(k_shape, groups, expected, monkeypatch):
+    # Without the oneDNN route (tests/test_onednn.py covers auto -> onednn).
+    monkeypatch.setenv("SDJAX_ONEDNN", "0")
     assert jax.default_backend() == "cpu"
     assert conv.resolve_impl("auto") == "fast"
     x, kernel = _inputs(0, (1, 6, 6, 4), k_shape)
