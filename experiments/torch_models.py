@@ -163,8 +163,9 @@ class CifarResNet(nn.Module):
       drop_mode: ``"row"`` or ``"batch"`` (see the module docstring).
       scale_by_keep: inverted scaling of kept branch outputs (the paper uses ``False``).
       num_classes: size of the classifier output.
+      input_channels: channels of the input images (3; 1 for digits).
 
-    Input ``(N, 3, H, W)`` float32; output logits ``(N, num_classes)``.
+    Input ``(N, input_channels, H, W)`` float32; output logits ``(N, num_classes)``.
     """
 
     def __init__(
@@ -174,6 +175,7 @@ class CifarResNet(nn.Module):
         drop_mode: str = "batch",
         scale_by_keep: bool = False,
         num_classes: int = 10,
+        input_channels: int = 3,
     ):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
@@ -184,7 +186,9 @@ class CifarResNet(nn.Module):
         if len(drop_rates) != num_blocks:
             raise ValueError(f"drop_rates must have {num_blocks} entries, got {len(drop_rates)}")
         self.stem = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)
+            nn.Conv2d(input_channels, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
         )
         blocks = []
         in_channels = 16
