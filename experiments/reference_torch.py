@@ -11,7 +11,9 @@ as a disagreement between the two frameworks:
   normalisation) and crop back to 8x8 at offsets uniform in {0, 1, 2} per image; no flips;
 * data order: epoch e reads `default_rng([seed, e]).permutation(1437)` in batches of 64, the last
   `1437 % 64` examples of each epoch unused (22 steps per epoch), as sdjax's pipeline;
-* model: conv kernels He normal with fan-out, BatchNorm scale 1 / bias 0 (momentum 0.1 in Torch's
+* model: stride-2 convolutions padded as XLA's "SAME" (0 before, 1 after on even sizes, as
+  sdjax; `--symmetric_padding` for PyTorch's / the paper's Torch code's 1 on both sides); conv
+  kernels He normal with fan-out, BatchNorm scale 1 / bias 0 (momentum 0.1 in Torch's
   convention = 0.9 in Flax's, eps 1e-5), the classifier as Flax's `nn.Dense` (LeCun truncated
   normal kernel, zero bias); drop rate of block l = 1..L is `final_rate * l / L`, one host-side
   draw per block and step, a dropped branch is not run (its BatchNorm statistics not updated);
@@ -131,6 +133,7 @@ def train(
     epochs: int = 15,
     batch_size: int = 64,
     final_rate: float | None = None,
+    same_padding: bool = True,
 ) -> dict[str, Any]:
     """Trains one run on digits and returns its result dict (see the module docstring)."""
     import torch
@@ -156,6 +159,7 @@ def train(
         scale_by_keep=False,
         num_classes=10,
         input_channels=1,
+        same_padding=same_padding,
     )
     init_like_sdjax(model)
     optimizer = torch.optim.SGD(
@@ -195,6 +199,7 @@ def train(
         "depth": depth,
         "epochs": epochs,
         "final_drop_rate": rate,
+        "same_padding": same_padding,
         "steps": total_steps,
         "test_error": 1.0 - accuracy,
         "final_train_loss": epoch_losses[-1],
@@ -213,12 +218,17 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--depth", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--out", required=True, help="folder of the per-run result files")
+    parser.add_argument(
+        "--symmetric_padding", action="store_true", help="stride-2 convs pad 1 on both sides"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     path = pathlib.Path(args.out) / f"{args.variant}_seed{args.seed}.json"
     if path.exists():
         return json.loads(path.read_text(encoding="utf-8"))
-    result = train(args.variant, args.seed, args.depth, args.epochs)
+    result = train(
+        args.variant, args.seed, args.depth, args.epochs, same_padding=not args.symmetric_padding
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
