@@ -9,7 +9,9 @@ for one batch:
   pass used (a skipped block leaves its BatchNorm statistics unchanged, a kept one updates them;
   the updated running means agree, the running variances up to PyTorch's n/(n-1) correction);
 * the loss gradients agree (zero in sdjax / absent in PyTorch for the skipped blocks' branches);
-* the scanned layout (`scan_blocks=True`, the digits config's) gives the same training logits.
+* the scanned layout (`scan_blocks=True`, the digits config's) gives the same training logits;
+* over `gate_draws` keys, block l is kept with frequency `1 - rate_l` (max |z| reported; a
+  value above ~4 flags a wrong per-block rate).
 
 Each check returns the largest absolute difference; `main` prints them and fails on a mismatch.
 
@@ -56,7 +58,12 @@ def _to_torch_state(variables: dict[str, Any], depth: int) -> dict[str, np.ndarr
 
 
 def compare(
-    depth: int = 20, num_keys: int = 3, batch: int = 16, seed: int = 0, same_padding: bool = True
+    depth: int = 20,
+    num_keys: int = 3,
+    batch: int = 16,
+    seed: int = 0,
+    same_padding: bool = True,
+    gate_draws: int = 4000,
 ) -> dict[str, float]:
     """Runs the checks of the module docstring; returns the largest differences found."""
     import jax
@@ -65,7 +72,7 @@ def compare(
     import torch
     import torch.nn.functional as F
 
-    from experiments import torch_models
+    from experiments import reference_torch, torch_models
     from sdjax import models
     from sdjax.models import common as model_common
 
@@ -91,7 +98,8 @@ def compare(
     variables = {"params": variables["params"], "batch_stats": stats}
     scan_vars = model_common.unrolled_to_scan(variables)
 
-    rates = list(unrolled.block_rates(unrolled.num_blocks))
+    # The paper's rule written independently of sdjax: eval logits then check sdjax's indexing.
+    rates = reference_torch.linear_rates(unrolled.num_blocks, 0.5)
     tmodel = torch_models.CifarResNet(
         depth, rates, "batch", False, 10, input_channels=1, same_padding=same_padding
     )
@@ -175,6 +183,12 @@ def compare(
             diffs[f"scanned_train_logits_key{k}"] = float(
                 np.abs(np.asarray(s_logits) - j_logits).max()
             )
+    # Gate frequencies: block l is kept with probability 1 - rate_l (z-score over many keys).
+    keys = jax.random.split(jax.random.key(seed + 1), gate_draws)
+    kept = np.asarray(jax.vmap(lambda k: model_common.batch_gates(unrolled, k))(keys)).mean(0)
+    keep = 1.0 - np.asarray(rates)
+    z = np.abs(kept - keep) / np.sqrt(keep * (1 - keep) / gate_draws)
+    diffs["gate_frequency_max_abs_z"] = float(z.max())
     return diffs
 
 
@@ -196,14 +210,27 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument(
         "--symmetric_padding", action="store_true", help="PyTorch's padding=1 on stride-2 convs"
     )
+    parser.add_argument("--out", default=None, help="also write the differences to this JSON file")
     args = parser.parse_args(argv)
     diffs = compare(args.depth, args.keys, same_padding=not args.symmetric_padding)
     print(json.dumps(diffs, indent=1))
+    if args.out:
+        from experiments import common, fidelity_stats
+
+        prov = common.provenance()
+        prov["versions"].update(common.versions(("torch",)))
+        prov["machine"]["isa"] = fidelity_stats.cpu_isa()
+        common.write_json(
+            args.out,
+            {"max_abs_differences": diffs, "tolerance": args.tolerance, "provenance": prov},
+        )
     bad = {
         k: v
         for k, v in diffs.items()
-        if k.split("_")[0] not in ("skipped",) and "scale" not in k and v > args.tolerance
+        if k.split("_")[0] not in ("skipped", "gate") and "scale" not in k and v > args.tolerance
     }
+    if diffs["gate_frequency_max_abs_z"] > 5.0:
+        bad["gate_frequency_max_abs_z"] = diffs["gate_frequency_max_abs_z"]
     if bad:
         raise SystemExit(f"mismatch beyond {args.tolerance}: {bad}")
     return diffs
