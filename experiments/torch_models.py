@@ -121,10 +121,32 @@ class StochasticResidual(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+class SamePadConv2d(nn.Conv2d):
+    """An ``nn.Conv2d`` with TensorFlow/XLA ``"SAME"`` padding (as sdjax's convs).
+
+    For stride 2 on an even input that pads 0 pixels before and 1 after (PyTorch's ``padding=1``
+    pads 1 on both sides, shifting the sampling grid by one pixel). Construct with ``padding=0``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(
+            x.shape[:1:-1], self.kernel_size[::-1], self.stride[::-1], strict=True
+        ):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return super().forward(F.pad(x, pads))
+
+
 class _CifarBranch(nn.Sequential):
-    def __init__(self, in_channels: int, out_channels: int, stride: int):
+    def __init__(self, in_channels: int, out_channels: int, stride: int, same_padding: bool):
+        conv1 = (
+            SamePadConv2d(in_channels, out_channels, 3, stride=stride, padding=0, bias=False)
+            if same_padding and stride != 1
+            else nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
+        )
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+            conv1,
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
             nn.Conv2d(out_channels, out_channels, 3, stride=1, padding=1, bias=False),
@@ -148,12 +170,16 @@ class CifarBasicBlock(nn.Module):
         drop_rate: float,
         drop_mode: str,
         scale_by_keep: bool,
+        same_padding: bool = False,
     ):
         super().__init__()
         self.stride = stride
         self.extra_channels = out_channels - in_channels
         self.residual = StochasticResidual(
-            _CifarBranch(in_channels, out_channels, stride), drop_rate, drop_mode, scale_by_keep
+            _CifarBranch(in_channels, out_channels, stride, same_padding),
+            drop_rate,
+            drop_mode,
+            scale_by_keep,
         )
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
@@ -177,8 +203,11 @@ class CifarResNet(nn.Module):
       drop_mode: ``"row"`` or ``"batch"`` (see the module docstring).
       scale_by_keep: inverted scaling of kept branch outputs (the paper uses ``False``).
       num_classes: size of the classifier output.
+      input_channels: channels of the input images (3; 1 for digits).
+      same_padding: the stride-2 convolutions pad as XLA's ``"SAME"`` (sdjax; 0 before and 1
+        after on even sizes) instead of PyTorch's ``padding=1`` (the paper's Torch code).
 
-    Input ``(N, 3, H, W)`` float32; output logits ``(N, num_classes)``.
+    Input ``(N, input_channels, H, W)`` float32; output logits ``(N, num_classes)``.
     """
 
     def __init__(
@@ -188,6 +217,8 @@ class CifarResNet(nn.Module):
         drop_mode: str = "batch",
         scale_by_keep: bool = False,
         num_classes: int = 10,
+        input_channels: int = 3,
+        same_padding: bool = False,
     ):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
@@ -198,7 +229,9 @@ class CifarResNet(nn.Module):
         if len(drop_rates) != num_blocks:
             raise ValueError(f"drop_rates must have {num_blocks} entries, got {len(drop_rates)}")
         self.stem = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)
+            nn.Conv2d(input_channels, 16, 3, padding=1, bias=False),
+            nn.BatchNorm2d(16),
+            nn.ReLU(inplace=True),
         )
         blocks = []
         in_channels = 16
@@ -207,7 +240,9 @@ class CifarResNet(nn.Module):
                 stride = 2 if stage > 0 and index == 0 else 1
                 rate = drop_rates[len(blocks)]
                 blocks.append(
-                    CifarBasicBlock(in_channels, channels, stride, rate, drop_mode, scale_by_keep)
+                    CifarBasicBlock(
+                        in_channels, channels, stride, rate, drop_mode, scale_by_keep, same_padding
+                    )
                 )
                 in_channels = channels
         self.blocks = nn.Sequential(*blocks)
