@@ -86,13 +86,13 @@ def test_row_subset_equals_ops_and_batch_norm_sees_kept_samples():
     residual = _residual(0.6, mode="row_subset")
     key = jax.random.key(4)
     expected = ops.row_subset_residual(_branch_fn(residual), X, SHORTCUT, 0.6, key=key)
-    kernel = residual.branch.linear.kernel.value
-    bias = residual.branch.linear.bias.value
+    kernel = residual.branch.linear.kernel[...]
+    bias = residual.branch.linear.bias[...]
     out = residual(X, SHORTCUT, rngs=key)
     chex.assert_trees_all_close(out, expected, rtol=1e-6, atol=1e-6)
     idx = ops.subset_indices(key, 8, ops.subset_size(8, 0.6))[0]
     kept_mean = (X[idx] @ kernel + bias).mean(0)
-    chex.assert_trees_all_close(residual.branch.norm.mean.value, 0.5 * kept_mean, rtol=1e-5)
+    chex.assert_trees_all_close(residual.branch.norm.mean[...], 0.5 * kept_mean, rtol=1e-5)
 
 
 def test_row_subset_gradients_skip_dropped_samples():
@@ -121,8 +121,8 @@ def test_equals_linen_for_the_same_key(mode):
     params = {
         "branch": {
             "Dense_0": {
-                "kernel": residual.branch.linear.kernel.value,
-                "bias": residual.branch.linear.bias.value,
+                "kernel": residual.branch.linear.kernel[...],
+                "bias": residual.branch.linear.bias[...],
             }
         }
     }
