@@ -431,6 +431,28 @@ def test_row_subset_eval_is_the_masked_row_eval(cifar_variables, scale_by_keep):
     np.testing.assert_array_equal(outs[0], outs[1])
 
 
+@pytest.mark.parametrize(
+    "name, overrides",
+    [("efficientnet_b0", dict(num_classes=5)), ("resnet18", dict(num_classes=3, width=4))],
+)
+def test_row_subset_traces_in_every_family(name, overrides):
+    """EfficientNet (blocks without an identity shortcut, stages of 1-4 blocks) and the ImageNet
+    ResNet build the row-subset step; traced only (compiling them costs a minute of CPU)."""
+    x = tiny_images((4, 32, 32, 3))
+    for drop_mode in ("row_subset", "row"):
+        model = models.create(name, drop_mode=drop_mode, **overrides)
+        variables = jax.eval_shape(model.init, jax.random.key(0), x)
+
+        def step(v, m=model):
+            return m.apply(v, x, train=True, rngs={"dropout": DROPOUT_KEY}, mutable=["batch_stats"])
+
+        logits, _ = jax.eval_shape(step, variables)
+        assert logits.shape == (4, overrides["num_classes"])
+        # The branch outputs of the subset are scatter-added into the shortcut.
+        scatters = str(jax.make_jaxpr(step)(variables)).count("scatter-add")
+        assert (scatters > 0) == (drop_mode == "row_subset"), (drop_mode, scatters)
+
+
 class _BiasBlock(ResidualBlock):
     """A block whose branch is one Dense layer (per sample: no batch statistics)."""
 
