@@ -20,9 +20,11 @@ Settings (``--settings``; extra rows for single models with ``--extra MODEL:SETT
 * ``batch``: one gate per block and step, a dropped branch is not computed
   (``drop_mode="batch"``). PyTorch peer: the paper's ``if rand < drop: skip`` in Python.
 * modifiers appended with ``+``: ``+xla`` / ``+fast`` (``conv_impl``), ``+scan``
-  (``scan_blocks=True``), ``+dp`` (data-parallel: the batch sharded over the trainer's mesh,
-  `sdjax.runtime.create_mesh`, parameters replicated; on CPU the device count is
-  ``--cpu_devices``). Rows with modifiers are JAX-only; their PyTorch ratio uses the peer of the
+  (``scan_blocks=True``, the models' default), ``+unrolled`` (``scan_blocks=False``), ``+dp``
+  (data-parallel: the batch sharded over the trainer's mesh, `sdjax.runtime.create_mesh`,
+  parameters replicated; on CPU the device count is ``--cpu_devices``; ``row_subset`` rows
+  draw one subset per device, ``drop_shards`` = the device count).
+  Rows with modifiers are JAX-only; their PyTorch ratio uses the peer of the
   base setting. Ratios between settings are taken within one modifier group.
 
 Workloads: CIFAR ResNets take ``--batch_size`` images of ``--image_size``; EfficientNets

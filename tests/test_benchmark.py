@@ -4,8 +4,6 @@ counts, ratios, targets and the report on fixed inputs, and one tiny run end to 
 The run is the script's ``--quick`` mode (cifar_resnet20, batch 16) with one constant-depth row
 on one device and one batch-mode data-parallel row on two CPU devices, one warm-up and one timed
 step, in a subprocess. No timing is asserted (a benchmark is a script that writes numbers).
-The row-subset tests need ``drop_mode="row_subset"`` in `sdjax.layers.DropPathResidual` and the
-models.
 """
 
 from __future__ import annotations
@@ -349,7 +347,6 @@ def test_quick_run_times_the_package_step(tmp_path, repo_root):
 
 
 def test_row_subset_settings_build_and_run():
-    """Needs drop_mode="row_subset" in sdjax.layers.DropPathResidual and the models."""
     for name in ("cifar_resnet20", transformer.NAME):
         assert settings.build_model(name, settings.parse_setting("row_subset", 0.4, "uniform"))
     model = transformer.TransformerMLPStack(num_blocks=2, drop_mode="row_subset")
@@ -357,6 +354,27 @@ def test_row_subset_settings_build_and_run():
     variables = model.init(jax.random.key(1), x)
     out = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
     assert out.shape == (10, settings.NUM_CLASSES) and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_unrolled_rows_and_row_subset_shards_per_device():
+    assert settings.parse_setting("constant+unrolled+xla", 0.5, "linear").overrides == {
+        "final_drop_rate": 0.0,
+        "scan_blocks": False,
+        "conv_impl": "xla",
+    }
+    # The models scan by default: the comparison rows must say unrolled.
+    for item in settings.DEFAULT_EXTRA:
+        name, _, setting_name = item.partition(":")
+        model = settings.build_model(name, settings.parse_setting(setting_name, 0.5, "linear"))
+        assert model.scan_blocks is False, item
+    for name in ("cifar_resnet20", transformer.NAME):
+        shards = {
+            setting: settings.build_model(
+                name, settings.parse_setting(setting, 0.4, "uniform"), devices=4
+            ).drop_shards
+            for setting in ("row_subset+dp", "row_subset", "row+dp")
+        }
+        assert shards == {"row_subset+dp": 4, "row_subset": 1, "row+dp": 1}, name
 
 
 def test_torch_row_subset_runs_the_branch_on_k_samples():

@@ -5,10 +5,14 @@ counts of the big networks come from `jax.eval_shape` (no real initialization).
 """
 
 import functools
+import os
+import pathlib
 import re
 import subprocess
 import sys
+import textwrap
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +21,12 @@ from flax.core import unfreeze
 from jax import lax
 
 import sdjax.models as models
+from sdjax import layers, ops
 from sdjax.models import common
+from sdjax.models.blocks import ResidualBlock
+from sdjax.models.stages import apply_stage
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 DROPOUT_KEY = jax.random.key(42)
 
@@ -364,6 +373,269 @@ def test_scan_and_unrolled_agree(cifar_variables, drop_mode):
         np.testing.assert_allclose(remat_logits, logits, rtol=1e-5, atol=1e-5)
 
 
+# ----------------------------------------------------------------------------------------------
+# Row-subset mode.
+
+
+def _loss_and_grads(model, variables, x, key):
+    """Jitted training loss (sum of squared logits) and its gradient w.r.t. the parameters."""
+
+    def loss(params):
+        logits, updates = model.apply(
+            {**variables, "params": params},
+            x,
+            train=True,
+            rngs={"dropout": key},
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(logits**2), (logits, updates["batch_stats"])
+
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+
+
+def test_row_subset_trains_and_scan_equals_unrolled_at_a_uniform_rate(cifar_variables):
+    """Uniform rate: every block keeps the same k, so both layouts compute the same function."""
+    scan_variables = cifar_variables[0]
+    x = tiny_images((8, 8, 8, 3))
+    kwargs = dict(drop_mode="row_subset", drop_schedule="uniform", final_drop_rate=0.5)
+    scanned = models.create("cifar_resnet20", **kwargs)
+    unrolled = models.create("cifar_resnet20", scan_blocks=False, **kwargs)
+    variables = models.scan_to_unrolled(scan_variables)
+    (loss, (logits, stats)), grads = _loss_and_grads(unrolled, variables, x, DROPOUT_KEY)
+    (scan_loss, (scan_logits, scan_stats)), scan_grads = _loss_and_grads(
+        scanned, scan_variables, x, DROPOUT_KEY
+    )
+    assert np.isfinite(loss) and logits.shape == (8, 10)
+    np.testing.assert_allclose(scan_logits, logits, rtol=1e-5, atol=1e-5)
+    assert max_abs_diff(models.scan_to_unrolled(scan_stats), stats) < 1e-5
+    assert max_abs_diff(models.scan_to_unrolled(scan_grads), grads) < 1e-4
+    # Every block ran on its k = 4 samples: all BatchNorm statistics moved, all kernels get a
+    # gradient; another key draws other subsets.
+    assert all(blocks_that_ran(variables["batch_stats"], stats))
+    kernels = [
+        g["residual"]["branch"]["conv1"]["kernel"] for n, g in grads.items() if "_block" in n
+    ]
+    assert all(float(jnp.max(jnp.abs(k))) > 0 for k in kernels)
+    (_, (other_logits, _)), _ = _loss_and_grads(
+        unrolled, variables, x, jax.random.fold_in(DROPOUT_KEY, 1)
+    )
+    assert not np.allclose(other_logits, logits, atol=1e-3)
+
+
+@pytest.mark.parametrize("scale_by_keep", [False, True])
+def test_row_subset_eval_is_the_masked_row_eval(cifar_variables, scale_by_keep):
+    variables, x = cifar_variables
+    outs = [
+        eval_apply(models.create("cifar_resnet20", drop_mode=mode, scale_by_keep=scale_by_keep))(
+            variables, x
+        )
+        for mode in ("row", "row_subset")
+    ]
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize(
+    "name, overrides",
+    [("efficientnet_b0", dict(num_classes=5)), ("resnet18", dict(num_classes=3, width=4))],
+)
+def test_row_subset_traces_in_every_family(name, overrides):
+    """EfficientNet (blocks without an identity shortcut, stages of 1-4 blocks) and the ImageNet
+    ResNet build the row-subset step; traced only (compiling them costs a minute of CPU)."""
+    x = tiny_images((4, 32, 32, 3))
+    for drop_mode in ("row_subset", "row"):
+        model = models.create(name, drop_mode=drop_mode, **overrides)
+        variables = jax.eval_shape(model.init, jax.random.key(0), x)
+
+        def step(v, m=model):
+            return m.apply(v, x, train=True, rngs={"dropout": DROPOUT_KEY}, mutable=["batch_stats"])
+
+        logits, _ = jax.eval_shape(step, variables)
+        assert logits.shape == (4, overrides["num_classes"])
+        # The branch outputs of the subset are scatter-added into the shortcut.
+        scatters = str(jax.make_jaxpr(step)(variables)).count("scatter-add")
+        assert (scatters > 0) == (drop_mode == "row_subset"), (drop_mode, scatters)
+
+
+class _BiasBlock(ResidualBlock):
+    """A block whose branch is one Dense layer (per sample: no batch statistics)."""
+
+    @nn.compact
+    def __call__(self, x, rate, block_index, key):
+        branch = functools.partial(nn.Dense, self.features)
+        return self.residual(branch, x, x, rate, block_index, key)
+
+
+class _DenseStage(nn.Module):
+    """One stage of ``_BiasBlock`` s in row-subset mode (``apply_stage``, as the models call it)."""
+
+    rates: tuple[float, ...]
+    scan_blocks: bool
+    num_shards: int = 2
+
+    @nn.compact
+    def __call__(self, x, key, drop_rate_scale=None):
+        drop_path = functools.partial(
+            layers.DropPathResidual,
+            mode="row_subset",
+            scale_by_keep=True,
+            num_shards=self.num_shards,
+        )
+        block = dict(features=x.shape[-1], conv=None, norm=None, drop_path=drop_path)
+        return apply_stage(
+            _BiasBlock,
+            x,
+            name="stage",
+            first_kwargs=block,
+            rest_kwargs=block,
+            rates=self.rates,
+            first_index=0,
+            key=key,
+            scan_blocks=self.scan_blocks,
+            remat=False,
+            drop_rate_scale=drop_rate_scale,
+        )
+
+
+STAGE_RATES = (0.1, 0.2, 0.3, 0.4, 0.5)  # k of 6 samples per shard: 5, 5, 4, 4, 3
+
+
+def _one_hot_stage_params(scan_blocks):
+    """Block b: kernel 0 and bias e_b, so column b of the output marks where block b ran."""
+    n = len(STAGE_RATES)
+    params = {
+        f"stage_block{b}": {"residual": {"branch": {"kernel": jnp.zeros((n, n)), "bias": e}}}
+        for b, e in enumerate(jnp.eye(n))
+    }
+    return models.unrolled_to_scan(params) if scan_blocks else params
+
+
+@pytest.mark.parametrize("scale", [None, 0.5])
+def test_scanned_row_subset_blocks_keep_their_own_k(scale):
+    """Linear rates in one scan body (padded to the stage's largest k): block b still adds its
+    branch, scaled by L / k_b, to exactly k_b samples per shard, the unrolled blocks' samples.
+    With a drop_rate_scale (here 0.5, so larger k than the unscaled stage's) likewise."""
+    n, local = len(STAGE_RATES), 6
+    x = jnp.zeros((2 * local, n))
+    scale = None if scale is None else jnp.float32(scale)
+    outs = {}
+    for scan_blocks in (True, False):
+        stage = _DenseStage(STAGE_RATES, scan_blocks)
+        params = _one_hot_stage_params(scan_blocks)
+        outs[scan_blocks] = np.asarray(
+            jax.jit(lambda p, s, m=stage: m.apply({"params": p}, x, DROPOUT_KEY, s))(params, scale)
+        )
+    np.testing.assert_array_equal(outs[True] != 0, outs[False] != 0)
+    np.testing.assert_allclose(outs[True], outs[False], rtol=1e-6)
+    for b, rate in enumerate(STAGE_RATES):
+        if scale is not None:
+            rate = float(np.float32(rate) * np.float32(scale))
+        k = ops.subset_size(local, rate)
+        column = outs[True][:, b].reshape(2, local)
+        assert (column != 0).sum(axis=1).tolist() == [k, k], (b, column)
+        np.testing.assert_allclose(column[column != 0], local / k, rtol=1e-6)
+    assert [ops.subset_size(local, r) for r in STAGE_RATES] == [5, 5, 4, 4, 3]
+
+
+def test_scanned_row_subset_values_and_grads_equal_unrolled():
+    """A per-sample branch with linear rates: the padded scan gives the unrolled values and
+    gradients (parameters and input), for the same key."""
+    n = len(STAGE_RATES)
+    x = jax.random.normal(jax.random.key(3), (12, n))
+    unrolled_stage = _DenseStage(STAGE_RATES, scan_blocks=False)
+    params = unrolled_stage.init(jax.random.key(4), x, None)["params"]
+    results = {}
+    for scan_blocks in (True, False):
+        stage = _DenseStage(STAGE_RATES, scan_blocks)
+        p = models.unrolled_to_scan(params) if scan_blocks else params
+
+        def loss(p, x, m=stage):
+            return jnp.sum(jnp.sin(m.apply({"params": p}, x, DROPOUT_KEY)))
+
+        value, (gp, gx) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(p, x)
+        results[scan_blocks] = (value, models.scan_to_unrolled(gp) if scan_blocks else gp, gx)
+    (v1, gp1, gx1), (v0, gp0, gx0) = results[True], results[False]
+    np.testing.assert_allclose(v1, v0, rtol=1e-6)
+    assert max_abs_diff(gp1, gp0) < 1e-5 and max_abs_diff(gx1, gx0) < 1e-5
+
+
+def test_row_subset_shards_must_divide_the_batch():
+    model = models.create("cifar_resnet20", drop_mode="row_subset", drop_shards=4)
+    x = tiny_images((6, 8, 8, 3))
+    variables = jax.eval_shape(model.init, jax.random.key(0), x)
+    with pytest.raises(ValueError, match="num_shards=4 must divide the batch size 6"):
+        jax.eval_shape(
+            lambda v: model.apply(
+                v, x, train=True, rngs={"dropout": DROPOUT_KEY}, mutable=["batch_stats"]
+            ),
+            variables,
+        )
+
+
+SHARDED_ROW_SUBSET_SCRIPT = textwrap.dedent(
+    """
+    import re
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    import sdjax.models as models
+
+    assert jax.device_count() == 2, jax.devices()
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    batch, replicated = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    x = jax.random.normal(jax.random.key(1), (8, 8, 8, 3))
+    COLLECTIVE = re.compile(
+        r"= (.*?) (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
+        r"(-start)?\\(")
+
+    def activation_collectives(drop_shards):
+        \"\"\"Shapes moved between the devices by a train step's gradient that are not (a
+        permutation of) a parameter's shape or a vector: batch activations.\"\"\"
+        model = models.create("cifar_resnet20", drop_mode="row_subset", drop_shards=drop_shards)
+        variables = jax.eval_shape(model.init, jax.random.key(0), x)
+        allowed = set()
+        for leaf in jax.tree.leaves(variables["params"]):
+            allowed |= {tuple(sorted(leaf.shape)), tuple(sorted(leaf.shape[1:]))}
+
+        def loss(params, stats, x, key):
+            logits, _ = model.apply({"params": params, "batch_stats": stats}, x, train=True,
+                                    rngs={"dropout": key}, mutable=["batch_stats"])
+            return jnp.sum(logits ** 2)
+
+        step = jax.jit(jax.grad(loss), in_shardings=(replicated, replicated, batch, replicated))
+        args = (variables["params"], variables["batch_stats"], x, jax.random.key(2))
+        hlo = step.lower(*args).compile().as_text()
+        moved = []
+        for match in COLLECTIVE.finditer(hlo):
+            for dims in re.findall(r"[a-z][a-z0-9]*\\[([0-9,]*)\\]", match.group(1)):
+                shape = tuple(int(d) for d in dims.split(",") if d)
+                if len(shape) > 1 and tuple(sorted(shape)) not in allowed:
+                    moved.append((match.group(2), shape))
+        return moved
+
+    assert activation_collectives(2) == [], activation_collectives(2)
+    # One subset drawn over the sharded batch: the drawn rows move between the devices.
+    assert activation_collectives(1), "expected activations to cross devices"
+    print("OK")
+    """
+)
+
+
+def test_row_subset_sharded_batch_compiles_without_gathering_activations():
+    """Two CPU devices in a fresh process: with drop_shards=2 the train step's gradient moves no
+    activations between the devices (only parameter gradients and BatchNorm statistics)."""
+    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED_ROW_SUBSET_SCRIPT],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "OK" in result.stdout
+
+
 _BLOCK_NAME = re.compile(r"^stage(\d+)_block(\d+)$")
 
 
@@ -499,7 +771,10 @@ def test_unknown_name_lists_valid_names():
         (dict(final_drop_rate=-0.1), "final_drop_rate"),
         (dict(final_drop_rate=True), "final_drop_rate"),
         (dict(drop_schedule="cosine"), "drop_schedule='cosine'.*linear"),
-        (dict(drop_mode="sample"), "drop_mode='sample'.*row, batch"),
+        (dict(drop_mode="sample"), "drop_mode='sample'.*row, batch, row_subset"),
+        (dict(drop_shards=0), "drop_shards must be a positive integer, got 0"),
+        (dict(drop_shards=True), "drop_shards must be a positive integer, got True"),
+        (dict(drop_shards=2.0), "drop_shards must be a positive integer, got 2.0"),
         (dict(conv_impl="cudnn"), "conv_impl.*auto"),
         (dict(scan_blocks="yes"), "scan_blocks"),
         (dict(num_classes=0), "num_classes"),

@@ -3,11 +3,13 @@
 A setting name is a base stochastic-depth mode plus ``+`` modifiers, e.g. ``"batch+scan+dp"``:
 
 * bases: ``constant`` (``final_drop_rate=0``), ``row`` (masked per-sample drop path),
-  ``row_subset`` (the branch runs on a fixed-size random subset of the samples; needs
-  ``drop_mode="row_subset"`` in `sdjax.layers.DropPathResidual` and the models), ``batch``
-  (one gate per block and step, a dropped branch is skipped).
-* modifiers: ``+xla`` / ``+fast`` (``conv_impl``), ``+scan`` (``scan_blocks=True``), ``+dp``
-  (data-parallel over all devices; not a model field).
+  ``row_subset`` (``drop_mode="row_subset"``: the branch runs on a fixed-size random subset of
+  the samples), ``batch`` (one gate per block and step, a dropped branch is skipped).
+* modifiers: ``+xla`` / ``+fast`` (``conv_impl``), ``+scan`` (``scan_blocks=True``, the models'
+  default, stated explicitly), ``+unrolled`` (``scan_blocks=False``: one submodule per block),
+  ``+dp`` (data-parallel over all devices; not a model field; a ``row_subset+...+dp`` row sets
+  ``drop_shards`` to the device count, so each device draws its subset from its own samples).
+  A name without ``+scan`` or ``+unrolled`` gets the model's default (scanned).
 
 A workload is the input of one model: the sdjax models take synthetic NHWC images; the
 transformer MLP stack (`experiments.bench.transformer`) takes ``(N, tokens, width)`` tokens and
@@ -31,6 +33,7 @@ MODIFIERS = {
     "xla": {"conv_impl": "xla"},
     "fast": {"conv_impl": "fast"},
     "scan": {"scan_blocks": True},
+    "unrolled": {"scan_blocks": False},
 }
 DATA_PARALLEL = "dp"  # the runtime modifier: shard the batch over all devices
 DEFAULT_MODELS = ("cifar_resnet56", "cifar_resnet110", "efficientnet_b0", transformer.NAME)
@@ -38,12 +41,12 @@ DEFAULT_SETTINGS = tuple(
     f"{base}+scan{dp}" for dp in ("", "+dp") for base in ("constant", "row", "row_subset", "batch")
 )
 DEFAULT_EXTRA = (  # unrolled blocks and the stock XLA convolution, for comparison
-    "cifar_resnet56:constant",
-    "cifar_resnet56:constant+xla",
-    "cifar_resnet110:constant",
+    "cifar_resnet56:constant+unrolled",
+    "cifar_resnet56:constant+unrolled+xla",
+    "cifar_resnet110:constant+unrolled",
 )
 DEFAULT_COMPILE_ONLY = ("cifar_resnet1202",)
-QUICK_SETTINGS = ("constant", "row", "batch")
+QUICK_SETTINGS = ("constant", "row", "row_subset", "batch")
 NUM_CLASSES = 10
 
 # The transformer MLP stack: DINOv2's setting for the row-subset residual.
@@ -170,8 +173,13 @@ def check_layer_mode(mode: str) -> None:
         ) from None
 
 
-def build_model(name: str, setting: Setting, dtype: str | None = None) -> nn.Module:
+def build_model(
+    name: str, setting: Setting, dtype: str | None = None, devices: int = 1
+) -> nn.Module:
     """The unbound model of ``name`` in ``setting`` (``dtype``: compute dtype override).
+
+    ``devices``: the number of devices a ``+dp`` row shards the batch over; a ``row_subset``
+    ``+dp`` row passes it as ``drop_shards`` (one subset per device). Ignored otherwise.
 
     Raises:
       ValueError: a mode the installed sdjax lacks, a modifier the transformer stack does not
@@ -180,6 +188,8 @@ def build_model(name: str, setting: Setting, dtype: str | None = None) -> nn.Mod
     if setting.base != "constant":
         check_layer_mode(setting.base)
     overrides = dict(setting.overrides)
+    if setting.base == "row_subset" and setting.data_parallel:
+        overrides["drop_shards"] = devices
     if dtype:
         overrides["dtype"] = jnp.dtype(dtype)
     if name == transformer.NAME:

@@ -105,7 +105,8 @@ def run_jax(
       RuntimeError: the gates recomputed from the keys disagree with the blocks the step
         reported running (the key derivation of `dropout_key` no longer matches the step's).
     """
-    model = settings.build_model(name, setting, args.dtype)
+    devices = jax.device_count() if setting.data_parallel else 1  # the mesh's size
+    model = settings.build_model(name, setting, args.dtype, devices)
     inputs, labels = settings.synthetic_batch(wl, args.seed)
     run_key = jax.random.key(args.seed, impl=args.prng_impl)
     init_key, train_key = jax.random.fold_in(run_key, 0), jax.random.fold_in(run_key, 1)
@@ -122,7 +123,6 @@ def run_jax(
     if setting.data_parallel:
         mesh = runtime.create_mesh()
         replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-        devices = mesh.size
         init_jit = jax.jit(init_fn, out_shardings=replicated)
         step_jit = jax.jit(
             step_fn,
@@ -132,7 +132,6 @@ def run_jax(
         )
     else:
         replicated = sharded = jax.devices()[0]
-        devices = 1
         init_jit = jax.jit(init_fn)
         step_jit = jax.jit(step_fn, donate_argnums=0)
 

@@ -52,6 +52,8 @@ class TransformerMLPStack(nn.Module):
       final_drop_rate: the schedule's rate (0.4); ``drop_schedule`` as in `sdjax.schedules`
         (``"uniform"``: every block drops with ``final_drop_rate``).
       drop_mode: the `DropPathResidual` mode of every block.
+      drop_shards: ``"row_subset"``: the number of devices the batch is sharded over (each
+        draws its own subset; `DropPathResidual`'s ``num_shards``; 1).
       scale_by_keep: as in `DropPathResidual`.
       dtype: compute dtype (parameters and logits stay float32).
 
@@ -65,6 +67,7 @@ class TransformerMLPStack(nn.Module):
     final_drop_rate: float = 0.4
     drop_schedule: str = "uniform"
     drop_mode: str = "row"
+    drop_shards: int = 1
     scale_by_keep: bool = True
     dtype: Any = jnp.float32
 
@@ -88,6 +91,7 @@ class TransformerMLPStack(nn.Module):
                 rate=rate,
                 mode=self.drop_mode,
                 scale_by_keep=self.scale_by_keep,
+                num_shards=self.drop_shards,
                 name=f"block{index}",
             )(
                 x,

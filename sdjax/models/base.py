@@ -25,7 +25,7 @@ from sdjax import schedules
 from sdjax.conv import IMPLS
 from sdjax.layers import DropPathResidual
 from sdjax.models.conv_norm import Conv
-from sdjax.ops import DROP_PATH_MODES, check_rate
+from sdjax.ops import RESIDUAL_MODES, check_rate
 
 __all__ = [
     "StochasticDepthFields",
@@ -92,10 +92,25 @@ class StochasticDepthFields(nn.Module, kw_only=True):
         ``"efficientnet"``). 0 = constant depth. In ``[0, 1]`` (0.5, the paper's).
       drop_schedule: ``"linear"`` | ``"uniform"`` | ``"efficientnet"`` (see
         :mod:`sdjax.schedules`; ``"linear"``).
-      drop_mode: one of :data:`sdjax.ops.DROP_PATH_MODES`, passed to
+      drop_mode: one of :data:`sdjax.ops.RESIDUAL_MODES`, passed to
         :class:`sdjax.layers.DropPathResidual`: ``"batch"`` (one gate per block for the whole
-        batch; dropped blocks are not computed and do not update BatchNorm; the default) or
-        ``"row"`` (one gate per sample; computed, masked).
+        batch; dropped blocks are not computed and do not update BatchNorm; the default),
+        ``"row"`` (one Bernoulli gate per sample; every branch computed, then masked) or
+        ``"row_subset"`` (exactly ``k = max(1, round((1 - rate) * B_local))`` random samples
+        per shard run the branch, the others are not computed; a BatchNorm in the branch
+        normalises over, and updates its statistics from, the samples it runs on). Row subset
+        in a scanned stage pads every block to the stage's largest ``k`` (the smallest rate of
+        the scanned blocks) and masks the samples beyond the block's own ``k``; with a
+        ``drop_rate_scale`` the rates are traced and may be smaller than the schedule's, so
+        every block is padded to the whole batch (no compute saving, e.g. during a warm-up;
+        each block still keeps exactly its own ``k``). See :mod:`sdjax.models.stages`.
+      drop_shards: ``"row_subset"`` only: the number of contiguous shards of the batch axis
+        that draw their own subsets (positive int; 1). Set it to the number of devices the
+        batch is sharded over, so each device draws its subset from its own samples and the
+        gather/scatter stay on the device; the training batch size must be divisible by it.
+        With 1 (any device layout) one subset is drawn
+        over the whole batch, which is correct but gathers across devices when the batch is
+        sharded. Ignored by the other modes.
       scale_by_keep: train-time scaling by ``1 / (1 - rate)`` (True) or the paper's eval-time
         scaling by ``1 - rate`` (False, the default).
       scan_blocks: apply each stage's identical blocks with one ``nn.scan`` (True: fast compiles
@@ -115,6 +130,7 @@ class StochasticDepthFields(nn.Module, kw_only=True):
     final_drop_rate: float = 0.5
     drop_schedule: str = "linear"
     drop_mode: str = "batch"
+    drop_shards: int = 1
     scale_by_keep: bool = False
     scan_blocks: bool = True
     remat: bool = False
@@ -129,7 +145,8 @@ class StochasticDepthFields(nn.Module, kw_only=True):
             _check_positive_int(self.num_classes, "num_classes")
             check_rate(self.final_drop_rate, "final_drop_rate")
             _check_choice(self.drop_schedule, "drop_schedule", tuple(schedules.SCHEDULES))
-            _check_choice(self.drop_mode, "drop_mode", DROP_PATH_MODES)
+            _check_choice(self.drop_mode, "drop_mode", RESIDUAL_MODES)
+            _check_positive_int(self.drop_shards, "drop_shards")
             for field in ("scale_by_keep", "scan_blocks", "remat"):
                 _check_bool(getattr(self, field), field)
             _check_float_dtype(self.dtype, "dtype")
@@ -163,8 +180,8 @@ class StochasticDepthFields(nn.Module, kw_only=True):
 
         ``conv``: :class:`~sdjax.models.conv_norm.Conv` in ``dtype`` with ``conv_impl``;
         ``norm``: ``nn.BatchNorm`` (batch statistics when ``train``, running averages
-        otherwise); ``drop_path``: :class:`sdjax.layers.DropPathResidual` with ``drop_mode`` and
-        ``scale_by_keep``.
+        otherwise); ``drop_path``: :class:`sdjax.layers.DropPathResidual` with ``drop_mode``,
+        ``scale_by_keep`` and ``num_shards=drop_shards`` (the block adds its ``min_rate``).
         """
         return dict(
             conv=functools.partial(Conv, dtype=self.dtype, impl=self.conv_impl),
@@ -176,7 +193,10 @@ class StochasticDepthFields(nn.Module, kw_only=True):
                 dtype=self.dtype,
             ),
             drop_path=functools.partial(
-                DropPathResidual, mode=self.drop_mode, scale_by_keep=self.scale_by_keep
+                DropPathResidual,
+                mode=self.drop_mode,
+                scale_by_keep=self.scale_by_keep,
+                num_shards=self.drop_shards,
             ),
         )
 

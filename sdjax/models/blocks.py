@@ -9,7 +9,11 @@ Blocks are called as ``block(x, rate, block_index, key)``: ``rate`` is the block
 probability (a Python float, or a float32 0-d array inside ``nn.scan`` or with a
 ``drop_rate_scale``), ``key`` the model's stochastic-depth key (None: deterministic) and the
 block's own key is ``fold_in(key, block_index)`` with the global (network-wide) block index, so
-scanned and unrolled networks draw the same gates.
+scanned and unrolled networks draw the same gates (and, in row-subset mode, the same subsets).
+
+``min_rate`` is the static lower bound on ``rate`` that row-subset mode needs when ``rate`` is a
+JAX array (it fixes the subset size; see :class:`sdjax.layers.DropPathResidual`);
+:func:`sdjax.models.stages.apply_stage` sets it for every block it builds.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ class ResidualBlock(nn.Module):
       drop_path: :class:`sdjax.layers.DropPathResidual` factory with the model's mode and
         scaling, called as ``drop_path(branch, rate=..., name=...)``.
       strides: the block's stride (1 or 2).
+      min_rate: a static (Python float) lower bound on every ``rate`` the block is called with,
+        passed to ``drop_path``; ``"row_subset"`` mode sizes its subset with it when ``rate`` is
+        a JAX array (scanned, rematerialized or scaled blocks). None: ``rate`` must be a Python
+        float in that mode.
     """
 
     features: int
@@ -44,6 +52,7 @@ class ResidualBlock(nn.Module):
     norm: ModuleDef
     drop_path: ModuleDef
     strides: int = 1
+    min_rate: float | None = None
 
     def residual(
         self,
@@ -67,7 +76,7 @@ class ResidualBlock(nn.Module):
         Returns:
           The sum, shaped and typed like ``shortcut`` (the child ``"residual"``'s output).
         """
-        return self.drop_path(branch, rate=rate, name="residual")(
+        return self.drop_path(branch, rate=rate, min_rate=self.min_rate, name="residual")(
             x,
             shortcut,
             deterministic=key is None,

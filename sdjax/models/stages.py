@@ -8,6 +8,18 @@ Naming convention of stages (the contract of the two converters): the first bloc
 the submodule ``"<stage>_block0"``; the remaining ``n - 1`` blocks are ``"<stage>_block1"`` ...
 ``"<stage>_block<n-1>"`` when unrolled, or one scanned submodule ``"<stage>_rest"`` whose
 variables carry a leading axis of size ``n - 1`` when scanned.
+
+Row-subset mode (``drop_mode="row_subset"``) needs a static subset size, while a scanned block's
+rate is a traced array. The scanned blocks of a stage share one scan body by padding: each
+gets ``min_rate = min(rates[1:])`` (static), so the branch runs on the stage's largest ``k``
+samples and the samples beyond the block's own ``k`` are masked out (they get the shortcut
+only and no branch gradient). A BatchNorm in the branch therefore normalises over the ``k_max``
+samples of the stage, not over the block's ``k``; an unrolled block (and the first block of a
+stage) uses its own rate as ``min_rate`` and runs on exactly its ``k``. With a
+``drop_rate_scale`` the rates are ``rate * scale`` for a traced scale that may be below 1 (a
+smaller rate keeps more samples), so every block gets ``min_rate = 0``: the branch runs padded
+to the whole batch (no compute saving while a scale is given) and each block still keeps
+exactly its own ``k``.
 """
 
 from __future__ import annotations
@@ -69,7 +81,7 @@ def apply_stage(
       The output of the last block.
     """
     cls = nn.remat(block_cls, prevent_cse=not scan_blocks) if remat else block_cls
-    x = cls(name=f"{name}_block0", **first_kwargs)(
+    x = cls(name=f"{name}_block0", min_rate=_min_rate(rates[:1], drop_rate_scale), **first_kwargs)(
         x, scale_rate(rates[0], drop_rate_scale), first_index, key
     )
     num_rest = len(rates) - 1
@@ -87,12 +99,30 @@ def apply_stage(
             scale_rate(jnp.asarray(rates[1:], jnp.float32), drop_rate_scale),
             jnp.arange(first_index + 1, first_index + 1 + num_rest, dtype=jnp.int32),
         )
-        x, _ = scanned(cls(name=f"{name}_rest", **rest_kwargs), x, xs, key)
+        rest = cls(
+            name=f"{name}_rest", min_rate=_min_rate(rates[1:], drop_rate_scale), **rest_kwargs
+        )
+        x, _ = scanned(rest, x, xs, key)
         return x
     for i in range(1, num_rest + 1):
         rate = scale_rate(rates[i], drop_rate_scale)
-        x = cls(name=f"{name}_block{i}", **rest_kwargs)(x, rate, first_index + i, key)
+        block = cls(
+            name=f"{name}_block{i}",
+            min_rate=_min_rate(rates[i : i + 1], drop_rate_scale),
+            **rest_kwargs,
+        )
+        x = block(x, rate, first_index + i, key)
     return x
+
+
+def _min_rate(rates: Sequence[float], drop_rate_scale: Array | None) -> float:
+    """The static lower bound on the rates of blocks sharing one module (see the module doc).
+
+    ``min(rates)`` without a scale; 0.0 with one (a traced scale may make any rate smaller).
+    """
+    if drop_rate_scale is not None:
+        return 0.0
+    return float(min(rates))
 
 
 _REST = re.compile(r"^(?P<stage>.+)_rest$")
