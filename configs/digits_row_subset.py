@@ -14,7 +14,7 @@ Expected: test error within noise of masked row mode at the same rates (``mode=r
         --workdir=/tmp/sdjax_digits_row
 """
 
-from sdjax.config_utils import apply_arg, default_config
+from sdjax.config import apply_arg, default_config
 
 
 def get_config(arg=None):
