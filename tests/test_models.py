@@ -377,20 +377,25 @@ def test_scan_and_unrolled_agree(cifar_variables, drop_mode):
 # Row-subset mode.
 
 
-def _loss_and_grads(model, variables, x, key):
-    """Jitted training loss (sum of squared logits) and its gradient w.r.t. the parameters."""
+@functools.cache
+def loss_and_grads(model):
+    """Jitted ``(variables, x, key) -> ((loss, (logits, batch_stats)), grads)`` in training mode:
+    the sum of squared logits and its gradient w.r.t. the parameters (cached per model)."""
 
-    def loss(params):
-        logits, updates = model.apply(
-            {**variables, "params": params},
-            x,
-            train=True,
-            rngs={"dropout": key},
-            mutable=["batch_stats"],
-        )
-        return jnp.sum(logits**2), (logits, updates["batch_stats"])
+    def fn(variables, x, key):
+        def loss(params):
+            logits, updates = model.apply(
+                {**variables, "params": params},
+                x,
+                train=True,
+                rngs={"dropout": key},
+                mutable=["batch_stats"],
+            )
+            return jnp.sum(logits**2), (logits, updates["batch_stats"])
 
-    return jax.jit(jax.value_and_grad(loss, has_aux=True))(variables["params"])
+        return jax.value_and_grad(loss, has_aux=True)(variables["params"])
+
+    return jax.jit(fn)
 
 
 def test_row_subset_trains_and_scan_equals_unrolled_at_a_uniform_rate(cifar_variables):
@@ -401,9 +406,9 @@ def test_row_subset_trains_and_scan_equals_unrolled_at_a_uniform_rate(cifar_vari
     scanned = models.create("cifar_resnet20", **kwargs)
     unrolled = models.create("cifar_resnet20", scan_blocks=False, **kwargs)
     variables = models.scan_to_unrolled(scan_variables)
-    (loss, (logits, stats)), grads = _loss_and_grads(unrolled, variables, x, DROPOUT_KEY)
-    (scan_loss, (scan_logits, scan_stats)), scan_grads = _loss_and_grads(
-        scanned, scan_variables, x, DROPOUT_KEY
+    (loss, (logits, stats)), grads = loss_and_grads(unrolled)(variables, x, DROPOUT_KEY)
+    (_, (scan_logits, scan_stats)), scan_grads = loss_and_grads(scanned)(
+        scan_variables, x, DROPOUT_KEY
     )
     assert np.isfinite(loss) and logits.shape == (8, 10)
     np.testing.assert_allclose(scan_logits, logits, rtol=1e-5, atol=1e-5)
@@ -416,8 +421,8 @@ def test_row_subset_trains_and_scan_equals_unrolled_at_a_uniform_rate(cifar_vari
         g["residual"]["branch"]["conv1"]["kernel"] for n, g in grads.items() if "_block" in n
     ]
     assert all(float(jnp.max(jnp.abs(k))) > 0 for k in kernels)
-    (_, (other_logits, _)), _ = _loss_and_grads(
-        unrolled, variables, x, jax.random.fold_in(DROPOUT_KEY, 1)
+    (_, (other_logits, _)), _ = loss_and_grads(unrolled)(
+        variables, x, jax.random.fold_in(DROPOUT_KEY, 1)
     )
     assert not np.allclose(other_logits, logits, atol=1e-3)
 
