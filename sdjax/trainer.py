@@ -69,10 +69,17 @@ class Trainer:
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The keyword arguments for ``sdjax.models.create`` from ``config.model`` (+ dtype)."""
+    """The keyword arguments for ``sdjax.models.create`` from ``config.model`` (+ dtype).
+
+    With ``drop_mode="row_subset"`` and no ``drop_shards`` in the config, ``drop_shards`` is the
+    number of devices the batch is sharded over (``jax.device_count()``), so that every device
+    draws its subset from its own samples.
+    """
     kwargs = dict(config.model.to_dict())
     if config.train.half_precision:
         kwargs["dtype"] = jnp.bfloat16
+    if kwargs.get("drop_mode") == "row_subset" and "drop_shards" not in kwargs:
+        kwargs["drop_shards"] = jax.device_count()
     return kwargs
 
 

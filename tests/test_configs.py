@@ -26,6 +26,7 @@ EXPECTED = {
     "imagenet_resnet152_sd",
     "imagenet_efficientnet",
     "digits_sd",
+    "digits_row_subset",
 }
 
 

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from sdjax import data as data_lib
-from sdjax import loop, models, steps, train
+from sdjax import loop, models, steps, train, trainer
 
 REFERENCE_STEPS = 8
 
@@ -294,3 +294,14 @@ def test_drop_warmup_ramps_the_drop_rates_from_zero_and_resumes_exactly(
     assert blocks == expected
     assert blocks[0] == model.num_blocks  # scale 0: no block dropped at the first step
     assert [float(steps.drop_rate_scale(s, 3.0)) for s in (0, 3, 5)] == [0.0, 1.0, 1.0]
+
+
+def test_row_subset_draws_one_subset_per_device_unless_the_config_says_otherwise(tiny_config):
+    config = tiny_config("model.drop_mode=row_subset")
+    assert trainer.model_kwargs(config)["drop_shards"] == jax.device_count()
+    assert trainer.create_model(config).drop_shards == jax.device_count()
+    config.model.drop_shards = 1
+    assert trainer.model_kwargs(config)["drop_shards"] == 1
+    config.model.drop_mode = "row"
+    del config.model["drop_shards"]
+    assert "drop_shards" not in trainer.model_kwargs(config)
