@@ -14,38 +14,23 @@ Expected: test error within noise of masked row mode at the same rates (``mode=r
         --workdir=/tmp/sdjax_digits_row
 """
 
-from sdjax.config import apply_arg, default_config
+import importlib.util
+import pathlib
+
+from sdjax.config import apply_arg
+
+
+def _digits_sd():
+    """`configs/digits_sd.py`, loaded by path (config files are not a package)."""
+    path = pathlib.Path(__file__).with_name("digits_sd.py")
+    spec = importlib.util.spec_from_file_location("digits_sd", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def get_config(arg=None):
-    config = default_config()
-    config.seed = 0
-    config.model.name = "cifar_resnet32"
-    config.model.num_classes = 10
-    config.model.input_channels = 1
-    config.model.final_drop_rate = 0.5
-    config.model.drop_schedule = "linear"
+    config = _digits_sd().get_config()
     config.model.drop_mode = "row_subset"
     config.model.scale_by_keep = True
-    config.model.scan_blocks = True  # one compiled block per stage: fast compile on CPU
-    config.input.dataset = "digits"
-    config.input.digits_test_size = 360
-    config.input.split_seed = 0
-    config.input.validation_size = 0
-    config.input.augment.crop_padding = 1
-    config.input.augment.flip = False
-    config.optim.learning_rate = 0.1
-    config.optim.momentum = 0.9
-    config.optim.nesterov = True
-    config.optim.weight_decay = 1e-4
-    config.optim.lr_schedule = "step"
-    config.optim.warmup_epochs = 1.0  # linear warm-up: deep nets diverge at lr 0.1 from the start
-    config.optim.warmup_type = "linear"
-    config.optim.boundaries = (0.5, 0.75)
-    config.train.batch_size = 64
-    config.train.eval_batch_size = 360
-    config.train.num_epochs = 20
-    config.train.eval_every_epochs = 5
-    config.train.checkpoint_every_steps = 200
-    config.train.log_every_steps = 20
     return apply_arg(config, arg)
