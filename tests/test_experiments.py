@@ -16,6 +16,7 @@ from experiments import (
     conv_formulations,
     digits_curves,
     digits_depth,
+    library_path,
     survival_sweep,
 )
 from sdjax import conv
@@ -286,3 +287,27 @@ def test_conv_formulations_match_the_package(pass_):
             np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-5, err_msg=str(formulation))
     with pytest.raises(ValueError, match="'winograd'"):
         conv_formulations.conv2d(x, kernel, formulation=("winograd", "conv", "conv"))
+
+
+def test_library_path_times_both_steps_side_by_side(tmp_path):
+    result = library_path.main(
+        [
+            "--model",
+            "cifar_resnet20",
+            "--batch_size",
+            "4",
+            "--image_size",
+            "8",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--out_dir",
+            str(tmp_path),
+        ]
+    )
+    assert {k: len(v) for k, v in result["times_ms"].items()} == {"library": 2, "trainer": 2}
+    median = result["median_ms"]
+    assert result["library_over_trainer"] == median["library"] / median["trainer"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["library_over_trainer"] == result["library_over_trainer"]
