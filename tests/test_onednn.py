@@ -13,16 +13,16 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from conv_reference import assert_close as _assert_close
+from conv_reference import inputs as _inputs
+from conv_reference import reference as _reference
+from conv_reference import values_and_grads as _values_and_grads
 from jax import lax
 
 from sdjax import conv, onednn
 
-_DN = ("NHWC", "HWIO", "NHWC")
 
-
-@pytest.fixture(scope="module", autouse=True)
 def _require_onednn():
     reason = onednn.unavailable_reason()
     if reason is None:
@@ -30,38 +30,6 @@ def _require_onednn():
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"CI must test the oneDNN route: {reason}")
     pytest.skip(f"oneDNN route unavailable ({onednn.INSTALL_HINT}): {reason}")
-
-
-def _reference(x, kernel, strides, padding, groups):
-    pads = conv._explicit_padding(padding, x.shape[1:3], kernel.shape[:2], strides)
-    return lax.conv_general_dilated(
-        x, kernel, strides, pads, dimension_numbers=_DN, feature_group_count=groups
-    )
-
-
-def _inputs(seed, x_shape, kernel_shape, dtype=jnp.float32):
-    kx, kk = jax.random.split(jax.random.key(seed))
-    x = jax.random.normal(kx, x_shape, jnp.float32).astype(dtype)
-    kernel = (jax.random.normal(kk, kernel_shape, jnp.float32) * 0.3).astype(dtype)
-    return x, kernel
-
-
-def _values_and_grads(fn, x, kernel, seed):
-    """Output and (dx, dkernel) for a random cotangent (fixed key), in one jitted call."""
-
-    @jax.jit
-    def run(x, kernel):
-        out, vjp = jax.vjp(fn, x, kernel)
-        cotangent = jax.random.normal(jax.random.key(seed + 1000), out.shape, jnp.float32)
-        return out, vjp(cotangent.astype(out.dtype))
-
-    return run(x, kernel)
-
-
-def _assert_close(actual, expected, rtol=2e-5, atol=2e-5):
-    np.testing.assert_allclose(
-        np.asarray(actual, np.float32), np.asarray(expected, np.float32), rtol=rtol, atol=atol
-    )
 
 
 def _ffi_targets(fn, *args):
