@@ -118,3 +118,14 @@ def train_losses():
         return np.array([r["train_loss"] for r in train])
 
     return read
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """Makes any ``jax.jit`` call fail the test: what it guards is checked before compiling."""
+    import jax  # noqa: PLC0415
+
+    def jit(*args, **kwargs):
+        raise AssertionError("jax.jit was called before the bad input was reported")
+
+    monkeypatch.setattr(jax, "jit", jit)

@@ -10,11 +10,11 @@ after; a fresh workdir must not even be created.
 
 from __future__ import annotations
 
-import hashlib
 import pathlib
 
 import jax
 import pytest
+from workdir_digest import tree_digest
 
 from sdjax import config as config_lib
 from sdjax import train
@@ -26,24 +26,6 @@ def set_field(config, field: str, value) -> None:
     for p in parents:
         node = node[p]
     node[leaf] = value
-
-
-def tree_digest(path: pathlib.Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
-
-
-@pytest.fixture
-def no_compile(monkeypatch):
-    """Makes any ``jax.jit`` call (the train state, train or eval step) fail the test."""
-
-    def jit(*args, **kwargs):
-        raise AssertionError("jax.jit was called before the bad input was reported")
-
-    monkeypatch.setattr(jax, "jit", jit)
 
 
 @pytest.fixture

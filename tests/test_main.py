@@ -1,6 +1,5 @@
 """Tests of the command line: python -m sdjax.main with arg strings, overrides and errors."""
 
-import hashlib
 import json
 import os
 import pathlib
@@ -9,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from workdir_digest import tree_digest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = "--config=tests/tiny_config.py"
@@ -26,14 +26,6 @@ def _main(*args, timeout=600):
         text=True,
         timeout=timeout,
     )
-
-
-def tree_digest(path: pathlib.Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
 
 
 def test_cli_trains_with_arg_string_and_overrides_then_resumes(tmp_path):

@@ -23,7 +23,6 @@ from scratch; the other children share a persistent compilation cache.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import pathlib
@@ -35,6 +34,7 @@ import time
 
 import numpy as np
 import pytest
+from workdir_digest import tree_digest
 
 from sdjax import loop
 
@@ -173,14 +173,6 @@ def resumed_from(workdir: pathlib.Path) -> list[int]:
     """Steps at which the train-metrics log starts again (a rerun appends after its restore)."""
     steps = train_steps(workdir)
     return [b - 1 for a, b in zip(steps, steps[1:], strict=False) if b <= a]
-
-
-def tree_digest(path: pathlib.Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
 
 
 def comparable_results(workdir: pathlib.Path) -> dict:

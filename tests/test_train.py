@@ -5,7 +5,6 @@ workdir; every resume test proves that it resumed (the metrics log shows where i
 no step run twice beyond the last checkpoint).
 """
 
-import hashlib
 import json
 import os
 import pathlib
@@ -15,6 +14,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from workdir_digest import tree_digest
 
 from sdjax import data as data_lib
 from sdjax import loop, models, steps, train, trainer
@@ -43,25 +43,6 @@ def assert_bitwise_equal(a, b):
 def train_records(workdir):
     lines = (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "train_loss" in r]
-
-
-def tree_digest(path):
-    path = pathlib.Path(path)
-    return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
-
-
-@pytest.fixture
-def no_compile(monkeypatch):
-    """Makes any ``jax.jit`` call fail the test: what it guards is checked before compiling."""
-
-    def jit(*args, **kwargs):
-        raise AssertionError("jax.jit was called before the bad input was reported")
-
-    monkeypatch.setattr(jax, "jit", jit)
 
 
 def reference_config(make):
