@@ -183,6 +183,13 @@ def _onednn_takes(impl: str, dtype, x_shape, kernel_shape, strides, pads, groups
                 raise RuntimeError(
                     f"conv2d: impl='onednn' is unavailable: {onednn.unavailable_reason()}"
                 )
+            case = (tuple(x_shape), tuple(kernel_shape), strides, pads, groups)
+            missing = onednn.missing_implementation(*case, jnp.dtype(dtype).name)
+            if missing is not None:
+                raise ValueError(
+                    f"conv2d: impl='onednn' cannot run dtype={jnp.dtype(dtype)} on this CPU "
+                    f"({missing}); use impl='auto' to fall back to the XLA formulations"
+                )
             return True
         return onednn.has_fast_kernels(
             tuple(x_shape), tuple(kernel_shape), strides, pads, groups, jnp.dtype(dtype).name

@@ -126,6 +126,12 @@ def test_regime_plan_is_budget_major_and_overrides_set_the_subset():
     assert o["input.train_split"] == "train[:5000]"
     assert o["model.final_drop_rate"] == 0.5 and o["train.num_epochs"] == 30
     assert fidelity_regime.overrides(args, "constant", 30, 1)["model.final_drop_rate"] == 0.0
+    mine = []
+    for k in range(3):
+        args.shard = (k, 3)
+        mine.append({e for i, e in enumerate(order) if fidelity_regime.in_shard(args, i)})
+    assert set().union(*mine) == set(order) and sum(map(len, mine)) == len(order)
+    assert all({(b, s) for b, s, _ in m} == {(b, s) for b, s, v in m if v == "sd"} for m in mine)
 
 
 # ---------------------------------------------------------------------------------------------

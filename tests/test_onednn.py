@@ -74,9 +74,17 @@ def test_values_and_grads_match_lax(name):
     _assert_close(dk, ref_dk, rtol=1e-4, atol=1e-4)
 
 
-def test_bfloat16_matches_lax_within_rounding():
+def test_bfloat16_matches_lax_within_rounding_or_is_refused_where_onednn_has_none():
+    """oneDNN 2.x has bfloat16 convolutions only on AVX-512 CPUs: elsewhere the explicit route
+    is a clear error before compiling (``"auto"`` falls back, see below)."""
     x, kernel = _inputs(1, (2, 8, 8, 8), (3, 3, 8, 8), jnp.bfloat16)
     fn = functools.partial(conv.conv2d, strides=2, impl="onednn")
+    case = (x.shape, kernel.shape, (2, 2), ((0, 1), (0, 1)), 1, "bfloat16")
+    if onednn.missing_implementation(*case) is not None:
+        with pytest.raises(ValueError, match="impl='onednn' cannot run dtype=bfloat16 on this CPU"):
+            jax.jit(fn).lower(x, kernel)
+        assert not onednn.has_fast_kernels(*case)
+        return
     out, (dx, dk) = _values_and_grads(fn, x, kernel, 1)
     ref_out, (ref_dx, ref_dk) = _values_and_grads(
         lambda a, b: _reference(a, b, (2, 2), "SAME", 1), x, kernel, 1

@@ -11,6 +11,7 @@ from sdjax.onednn.conv import (
     conv2d,
     has_fast_kernels,
     impl_info,
+    missing_implementation,
     unavailable_reason,
 )
 from sdjax.onednn.library import INSTALL_HINT, build, library_path
@@ -23,6 +24,7 @@ __all__ = [
     "conv2d",
     "has_fast_kernels",
     "impl_info",
+    "missing_implementation",
     "library_path",
     "unavailable_reason",
 ]

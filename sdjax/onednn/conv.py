@@ -308,6 +308,27 @@ def impl_info(
 
 
 @functools.cache
+def missing_implementation(
+    x_shape: tuple[int, ...],
+    kernel_shape: tuple[int, ...],
+    strides: tuple[int, int],
+    pads: _Pads,
+    feature_group_count: int = 1,
+    dtype: str = "float32",
+) -> str | None:
+    """Why oneDNN cannot run one of the three passes of this case on this CPU, else None.
+
+    E.g. oneDNN 2.x has no bfloat16 convolution at all on CPUs without AVX-512. Cached per case.
+    """
+    for kind in ("fwd", "bwd_data", "bwd_weights"):
+        try:
+            impl_info(kind, x_shape, kernel_shape, strides, pads, feature_group_count, dtype)
+        except RuntimeError as e:
+            return f"{kind}: {e}"
+    return None
+
+
+@functools.cache
 def has_fast_kernels(
     x_shape: tuple[int, ...],
     kernel_shape: tuple[int, ...],
