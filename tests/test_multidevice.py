@@ -16,7 +16,7 @@ What does not: whole trajectories with stochastic depth. Training this tiny ResN
 stochastic depth amplifies the 1e-7 differences of another reduction order to percent level
 within about ten steps (perturbing the parameters by 1e-5 on one device does the same), so the
 losses after the first steps are not compared. Without stochastic depth, data-parallel losses
-equal one device's within float tolerance (``test_main.py``, 1 vs 2 devices).
+equal one host's within float tolerance (``test_multihost.py``, two hosts vs one).
 """
 
 from __future__ import annotations
