@@ -9,6 +9,14 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# XLA:CPU at LLVM optimization level 0 for this process and every child it starts: compiling
+# dominates these tests' time (about half of it goes to LLVM's passes) and the programs (the HLO
+# sdjax emits, float semantics) are the same. Set the level in XLA_FLAGS to test at another one;
+# the benchmarks (experiments/) run at XLA's default.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 TESTS = pathlib.Path(__file__).resolve().parent
