@@ -9,13 +9,16 @@ set after the last epoch. Small data + deep network: the regime in which the pap
 should pay first.
 
 Runs go budget-major (every budget's seeds and variants before the next budget), each one
-`python -m sdjax.main ...` in its own workdir; an interrupted run resumes from its checkpoint, a
-finished one is reused. `--aggregate_only` writes the table and figure from the finished runs
-(and lists the unfinished ones) without training anything.
+`python -m sdjax.main ...` in its own workdir; an interrupted run resumes from its checkpoint. A
+finished run leaves a record under `experiments/results/fidelity_regime/runs/` (committed: a
+later session reuses it instead of retraining). `--shard K/N` gives one of N processes its part
+of the plan; `--aggregate_only` writes the table and figure from the records (listing the runs
+still missing) without training anything. The study as run (one process per core):
 
-    TF_CPP_MIN_LOG_LEVEL=2 taskset -c 1 python -m experiments.fidelity_regime --depth 56 \\
-        --train_size 5000 --budgets 15 30 60 --seeds 3 --data_dir /work/shared/data/tfds
-    python -m experiments.fidelity_regime --aggregate_only ...   # same arguments
+    for k in 0 1; do TF_CPP_MIN_LOG_LEVEL=2 nohup taskset -c $k python -m \
+        experiments.fidelity_regime --depth 20 --train_size 1024 --budgets 20 40 80 --seeds 3 \
+        --data_dir ../shared/data/tfds --shard $k/2 > regime_$k.log 2>&1 & done
+    python -m experiments.fidelity_regime --aggregate_only ...   # same arguments, no --shard
 
 Outputs: `experiments/results/fidelity_regime/` (`results.json`, `results.md`,
 `fidelity_regime.png`); workdirs under `workdirs/fidelity_regime/`.
