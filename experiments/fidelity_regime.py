@@ -194,6 +194,7 @@ def plot(path: pathlib.Path, runs: Sequence[dict[str, Any]], rows, title: str) -
     budgets = sorted({r["budget"] for r in rows})
     if budgets:
         ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.set_xticks([], minor=True)
     ax.set_xlabel("training budget (epochs, step schedule compressed to the budget)")
     ax.set_ylabel("test error (%), 10,000 CIFAR-10 test images")
     ax.grid(alpha=0.3)
