@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
+import shlex
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -202,6 +203,11 @@ def plot(path: pathlib.Path, runs: Sequence[dict[str, Any]], rows, title: str) -
     common.save_figure(fig, path, title)
 
 
+def _without_workdir(argv: Sequence[str]) -> list[str]:
+    """A run's command line minus its workdir (records stay valid under another root)."""
+    return [a for a in argv if not a.startswith("--workdir=")]
+
+
 def collect(args, root: pathlib.Path, run_missing: bool):
     """Finished runs (from their committed records) and, if `run_missing`, this shard's others.
 
@@ -217,7 +223,7 @@ def collect(args, root: pathlib.Path, run_missing: bool):
         command = common.train_command(CONFIG, workdir, overrides(args, variant, budget, seed))
         if record_path.exists():
             record = json.loads(record_path.read_text(encoding="utf-8"))
-            if record["command"].split("--workdir")[0] == " ".join(command).split("--workdir")[0]:
+            if _without_workdir(shlex.split(record["command"])) == _without_workdir(command):
                 runs.append(record)
                 continue
         if not (run_missing and in_shard(args, index)):

@@ -307,6 +307,20 @@ def impl_info(
     return text
 
 
+_PASSES = ("fwd", "bwd_data", "bwd_weights")
+
+
+def _implementations(*case) -> list[str]:
+    """`impl_info` of the three passes of one case; the RuntimeError names the failing pass."""
+    names = []
+    for kind in _PASSES:
+        try:
+            names.append(impl_info(kind, *case))
+        except RuntimeError as e:
+            raise RuntimeError(f"{kind}: {e}") from None
+    return names
+
+
 @functools.cache
 def missing_implementation(
     x_shape: tuple[int, ...],
@@ -320,11 +334,10 @@ def missing_implementation(
 
     E.g. oneDNN 2.x has no bfloat16 convolution at all on CPUs without AVX-512. Cached per case.
     """
-    for kind in ("fwd", "bwd_data", "bwd_weights"):
-        try:
-            impl_info(kind, x_shape, kernel_shape, strides, pads, feature_group_count, dtype)
-        except RuntimeError as e:
-            return f"{kind}: {e}"
+    try:
+        _implementations(x_shape, kernel_shape, strides, pads, feature_group_count, dtype)
+    except RuntimeError as e:
+        return str(e)
     return None
 
 
@@ -342,11 +355,8 @@ def has_fast_kernels(
     Reference kernels (``"ref:..."``) are what oneDNN falls back to when the CPU lacks the ISA
     for a case (e.g. bfloat16 without AVX-512); they are far slower than XLA. Cached per case.
     """
-    for kind in ("fwd", "bwd_data", "bwd_weights"):
-        try:
-            name = impl_info(kind, x_shape, kernel_shape, strides, pads, feature_group_count, dtype)
-        except RuntimeError:
-            return False
-        if name.startswith("ref"):
-            return False
-    return True
+    try:
+        names = _implementations(x_shape, kernel_shape, strides, pads, feature_group_count, dtype)
+    except RuntimeError:
+        return False
+    return not any(name.startswith("ref") for name in names)
