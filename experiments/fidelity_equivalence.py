@@ -64,6 +64,8 @@ def compare(
     seed: int = 0,
     same_padding: bool = True,
     gate_draws: int = 4000,
+    image_size: int = 8,
+    channels: int = 1,
 ) -> dict[str, float]:
     """Runs the checks of the module docstring; returns the largest differences found."""
     import jax
@@ -77,13 +79,15 @@ def compare(
     from sdjax.models import common as model_common
 
     torch.set_num_threads(1)
-    kwargs = dict(num_classes=10, input_channels=1, final_drop_rate=0.5, drop_mode="batch")
+    kwargs = dict(num_classes=10, input_channels=channels, final_drop_rate=0.5, drop_mode="batch")
     unrolled = models.create(f"cifar_resnet{depth}", scan_blocks=False, **kwargs)
     scanned = models.create(f"cifar_resnet{depth}", scan_blocks=True, **kwargs)
     rng = np.random.default_rng(seed)
-    x = rng.normal(size=(batch, 8, 8, 1)).astype(np.float32)
+    x = rng.normal(size=(batch, image_size, image_size, channels)).astype(np.float32)
     y = rng.integers(0, 10, size=batch)
-    variables = unrolled.init({"params": jax.random.key(seed)}, jnp.zeros((1, 8, 8, 1)))
+    variables = unrolled.init(
+        {"params": jax.random.key(seed)}, jnp.zeros((1, image_size, image_size, channels))
+    )
     # Non-trivial running statistics, so that evaluation exercises them.
     stats = {
         name: jax.tree_util.tree_map(
@@ -101,7 +105,7 @@ def compare(
     # The paper's rule written independently of sdjax: eval logits then check sdjax's indexing.
     rates = reference_torch.linear_rates(unrolled.num_blocks, 0.5)
     tmodel = torch_models.CifarResNet(
-        depth, rates, "batch", False, 10, input_channels=1, same_padding=same_padding
+        depth, rates, "batch", False, 10, input_channels=channels, same_padding=same_padding
     )
     state = {k: torch.from_numpy(np.array(v)) for k, v in _to_torch_state(variables, depth).items()}
     missing = tmodel.load_state_dict(state, strict=False)
@@ -136,7 +140,7 @@ def compare(
             variables["params"]
         )
         fresh = torch_models.CifarResNet(
-            depth, rates, "batch", False, 10, input_channels=1, same_padding=same_padding
+            depth, rates, "batch", False, 10, input_channels=channels, same_padding=same_padding
         )
         fresh.load_state_dict(state, strict=False)
         for block, gate in zip(fresh.blocks, gates, strict=True):
@@ -158,7 +162,7 @@ def compare(
                 old = state[name].numpy()
                 t_new = t_state[name].numpy()
                 # Undo torch's unbiased correction: batch var = (new - 0.9 old) / 0.1.
-                n = batch * _spatial(name, depth)
+                n = batch * _spatial(name, depth, image_size)
                 if np.array_equal(t_new, old):  # a skipped block: sdjax must not update either
                     t_batch, j_batch = t_new, value
                 else:
@@ -192,13 +196,13 @@ def compare(
     return diffs
 
 
-def _spatial(name: str, depth: int) -> int:
-    """H*W of the activations a BatchNorm named `name` normalises (8x8 digits input)."""
+def _spatial(name: str, depth: int, image_size: int = 8) -> int:
+    """H*W of the activations a BatchNorm named `name` normalises (square input)."""
     if name.startswith("stem"):
-        return 64
+        return image_size * image_size
     n = (depth - 2) // 6
     b = int(name.split(".")[1])
-    hw = 8 // (2 ** (b // n))
+    hw = image_size // (2 ** (b // n))
     return hw * hw
 
 
@@ -210,9 +214,17 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument(
         "--symmetric_padding", action="store_true", help="PyTorch's padding=1 on stride-2 convs"
     )
+    parser.add_argument("--image_size", type=int, default=8, help="8: digits, 32: CIFAR-10")
+    parser.add_argument("--channels", type=int, default=1, help="1: digits, 3: CIFAR-10")
     parser.add_argument("--out", default=None, help="also write the differences to this JSON file")
     args = parser.parse_args(argv)
-    diffs = compare(args.depth, args.keys, same_padding=not args.symmetric_padding)
+    diffs = compare(
+        args.depth,
+        args.keys,
+        same_padding=not args.symmetric_padding,
+        image_size=args.image_size,
+        channels=args.channels,
+    )
     print(json.dumps(diffs, indent=1))
     if args.out:
         from experiments import common, fidelity_stats

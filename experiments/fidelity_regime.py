@@ -3,50 +3,89 @@
 A deep CIFAR ResNet (default ResNet-56) trained on the first `--train_size` CIFAR-10 training
 images (`input.train_split=train[:N]`) with `configs/cifar10_sd.py`'s recipe (SGD Nesterov,
 lr 0.1, /10 at 50% and 75% of the run, batch 128, pad-4 crops + flips), the step schedule
-compressed to each training budget (`--budgets`, in epochs), constant depth vs stochastic depth
-(linear to 0.5, batch mode), `--seeds` seeds per point. Test error on the full 10,000-image test
-set after the last epoch. Small data + deep network: the regime in which the paper's regulariser
-should pay first.
+compressed to each training budget (`--budgets`, in epochs), `--seeds` seeds per point. Test
+error on the full 10,000-image test set after the last epoch. Small data + deep network: the
+regime in which the paper's regulariser should pay first.
 
-Runs go budget-major (every budget's seeds and variants before the next budget), each one
-`python -m sdjax.main ...` in its own workdir; an interrupted run resumes from its checkpoint. A
-finished run leaves a record under `experiments/results/fidelity_regime/runs/` (committed: a
-later session reuses it instead of retraining). `--shard K/N` gives one of N processes its part
-of the plan; `--aggregate_only` writes the table and figure from the records (listing the runs
-still missing) without training anything. The study as run (one process per core):
+`--variants` (see `parse_variant`): `constant`; `sd` (linear to `--rate`, batch mode);
+`warmup<F>` (`sd` whose drop rates ramp up from 0 over the first fraction F of the steps,
+`train.drop_warmup_fraction`); `linear<R>` / `uniform<R>` (the survival sweep, paper Figure 8:
+final drop rate R under the linear or the uniform rule).
+
+Each run is `python -m sdjax.main ...` in its own workdir; an interrupted run resumes from its
+checkpoint. A finished run leaves a record under `experiments/results/fidelity_regime/runs/`
+(committed: a later session reuses it instead of retraining). Processes given the same plan
+share it: each claims a run (`claim.pid` in its workdir) before training it, so one process per
+core works through the plan together (`--shard K/N` splits it statically instead). The tables
+and figures cover every committed record of the same network, subset, rate and data, whatever
+plan made it; `--aggregate_only` writes them (listing the plan's missing runs) without training.
+The study as run (one process per core):
 
     for k in 0 1; do TF_CPP_MIN_LOG_LEVEL=2 nohup taskset -c $k python -m \
-        experiments.fidelity_regime --depth 20 --train_size 1024 --budgets 20 40 80 --seeds 3 \
-        --data_dir ../shared/data/tfds --shard $k/2 > regime_$k.log 2>&1 & done
-    python -m experiments.fidelity_regime --aggregate_only ...   # same arguments, no --shard
+        experiments.fidelity_regime --depth 20 --train_size 1024 --budgets 20 40 80 160 \
+        --seeds 3 --data_dir ../shared/data/tfds --variants constant sd warmup0.25 \
+        > regime_$k.log 2>&1 & done
+    # the survival sweep at 80 epochs, the same way:
+    ... --budgets 80 --variants linear0.2 uniform0.2 uniform0.5 linear0.8 uniform0.8
+    python -m experiments.fidelity_regime --aggregate_only ...   # any of the above, untrained
 
 Outputs: `experiments/results/fidelity_regime/` (`results.json`, `results.md`,
-`fidelity_regime.png`); workdirs under `workdirs/fidelity_regime/`.
+`fidelity_regime.png`, `survival_sweep_ep<B>.png`); workdirs under `workdirs/fidelity_regime/`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import re
 import shlex
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from experiments import common, fidelity_stats
+from experiments import common, fidelity_regime_report, fidelity_stats
 
 NAME = "fidelity_regime"
 CONFIG = "configs/cifar10_sd.py"
 VARIANTS = ("constant", "sd")
+_VARIANT = re.compile(r"^(constant|sd|warmup|linear|uniform)(\d+(?:\.\d+)?)?$")
+
+
+def parse_variant(variant: str, rate: float) -> dict[str, Any]:
+    """The drop settings of a variant name (raises ValueError naming what is allowed).
+
+    `constant`; `sd` (linear to `rate`); `warmup<F>` (`sd` with `train.drop_warmup_fraction=F`,
+    0 < F < 1); `linear<R>` / `uniform<R>` (final drop rate R, 0 < R < 1, R != `rate` for
+    linear: that run is `sd`).
+    """
+    m = _VARIANT.match(variant)
+    allowed = "constant, sd, warmup<F>, linear<R> or uniform<R> with 0 < F, R < 1"
+    if m is None:
+        raise ValueError(f"variant {variant!r}: expected {allowed}")
+    kind, number = m.group(1), m.group(2)
+    if (number is None) != (kind in ("constant", "sd")):
+        raise ValueError(f"variant {variant!r}: expected {allowed}")
+    value = float(number) if number is not None else None
+    if value is not None and not 0 < value < 1:
+        raise ValueError(f"variant {variant!r}: {value} is not in (0, 1); expected {allowed}")
+    if kind == "linear" and value == rate:
+        raise ValueError(f"variant {variant!r} is the 'sd' variant (--rate={rate}): use 'sd'")
+    if kind == "constant":
+        return {"final_drop_rate": 0.0, "drop_schedule": "linear", "warmup": 0.0}
+    if kind in ("sd", "warmup"):
+        return {"final_drop_rate": rate, "drop_schedule": "linear", "warmup": value or 0.0}
+    return {"final_drop_rate": value, "drop_schedule": kind, "warmup": 0.0}
 
 
 def overrides(args: argparse.Namespace, variant: str, budget: int, seed: int) -> dict[str, Any]:
     """Config overrides of one run (dotted paths)."""
+    spec = parse_variant(variant, args.rate)
     out = {
         "model.name": f"cifar_resnet{args.depth}",
-        "model.final_drop_rate": {"constant": 0.0, "sd": args.rate}[variant],
-        "model.drop_schedule": "linear",
+        "model.final_drop_rate": spec["final_drop_rate"],
+        "model.drop_schedule": spec["drop_schedule"],
         "model.drop_mode": "batch",
         "input.train_split": f"train[:{args.train_size}]",
         "train.num_epochs": budget,
@@ -55,6 +94,8 @@ def overrides(args: argparse.Namespace, variant: str, budget: int, seed: int) ->
         "train.progress_bar": False,
         "seed": seed,
     }
+    if spec["warmup"]:
+        out["train.drop_warmup_fraction"] = spec["warmup"]
     if args.data_dir:
         out["input.data_dir"] = args.data_dir
     return out
@@ -98,121 +139,84 @@ def run_record_of(out_dir: pathlib.Path, args, budget: int, seed: int, variant: 
     return out_dir / "runs" / tag_of(args) / f"ep{budget}" / f"{variant}_seed{seed}.json"
 
 
-def summarize(runs: Sequence[dict[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
-    """One row per budget: per-variant mean/std/t-interval and the SD-minus-constant Welch gap.
-
-    Works on partial results: a variant with one run has `nan` spread, a gap needs >= 2 runs of
-    each variant (else `None`).
-    """
-    groups = fidelity_stats.group_runs(runs, ("budget", "variant"))
-    rows = []
-    for budget in sorted({r["budget"] for r in runs}):
-        row: dict[str, Any] = {"budget": budget}
-        errs = {}
-        for variant in VARIANTS:
-            group = groups.get((budget, variant), [])
-            errs[variant] = [r["test_error"] for r in group]
-            row[variant] = fidelity_stats.mean_ci(errs[variant], confidence) if group else None
-            losses = [r["final_train_loss"] for r in group if r.get("final_train_loss") is not None]
-            row[f"{variant}_train_loss"] = sum(losses) / len(losses) if losses else None
-        ok = len(errs["constant"]) >= 2 and len(errs["sd"]) >= 2
-        row["gap_welch"] = (
-            fidelity_stats.welch_diff_interval(errs["sd"], errs["constant"], confidence)
-            if ok
-            else None
-        )
-        rows.append(row)
-    return rows
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None or x != x else f"{100 * x:.2f}"
-
-
-def table(rows: Sequence[dict[str, Any]]) -> str:
-    body = []
-    for r in rows:
-        cells = [r["budget"]]
-        for v in VARIANTS:
-            m = r[v]
-            cells.append(
-                "n/a" if m is None else f"{_pct(m['mean'])} ± {_pct(m['half_width'])} (n={m['n']})"
-            )
-            loss = r[f"{v}_train_loss"]
-            cells.append("n/a" if loss is None else f"{loss:.4f}")
-        g = r["gap_welch"]
-        cells.append(
-            "n/a" if g is None else f"{_pct(g['diff'])} [{_pct(g['low'])}, {_pct(g['high'])}]"
-        )
-        body.append(cells)
-    return common.markdown_table(
-        [
-            "budget (epochs)",
-            "constant test error (%) mean ± 95% t",
-            "constant final train loss",
-            "SD test error (%) mean ± 95% t",
-            "SD final train loss",
-            "gap SD - constant (pp) [95% Welch]",
-        ],
-        body,
-    )
-
-
-def plot(path: pathlib.Path, runs: Sequence[dict[str, Any]], rows, title: str) -> None:
-    """Test error vs budget: seeds as dots, means with 95% t intervals (std if n < 2: none)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    colors = {"constant": "tab:blue", "sd": "tab:orange"}
-    labels = {"constant": "constant depth", "sd": "stochastic depth (linear to 0.5)"}
-    for i, variant in enumerate(VARIANTS):
-        shift = (i - 0.5) * 0.03
-        pts = [(r["budget"], r["test_error"]) for r in runs if r["variant"] == variant]
-        if pts:
-            ax.scatter(
-                [b * (1 + shift) for b, _ in pts],
-                [100 * e for _, e in pts],
-                s=10,
-                color=colors[variant],
-                alpha=0.4,
-            )
-        xs, ys, es = [], [], []
-        for r in rows:
-            m = r[variant]
-            if m is None:
-                continue
-            xs.append(r["budget"] * (1 + shift))
-            ys.append(100 * m["mean"])
-            es.append(0.0 if m["half_width"] != m["half_width"] else 100 * m["half_width"])
-        if xs:
-            ax.errorbar(
-                xs, ys, yerr=es, fmt="o-", capsize=4, color=colors[variant], label=labels[variant]
-            )
-    ax.set_xscale("log")
-    budgets = sorted({r["budget"] for r in rows})
-    if budgets:
-        ax.set_xticks(budgets, [str(b) for b in budgets])
-        ax.set_xticks([], minor=True)
-    ax.set_xlabel("training budget (epochs, step schedule compressed to the budget)")
-    ax.set_ylabel("test error (%), 10,000 CIFAR-10 test images")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    common.save_figure(fig, path, title)
-
-
 def _without_workdir(argv: Sequence[str]) -> list[str]:
     """A run's command line minus its workdir (records stay valid under another root)."""
     return [a for a in argv if not a.startswith("--workdir=")]
+
+
+def claim(workdir: pathlib.Path) -> bool:
+    """Takes `workdir` for this process; False while another live process holds it.
+
+    Several processes with the same plan (one per core) share its runs this way: each trains
+    the runs it claims first. A claim whose process has died is taken over (the run resumes
+    from its checkpoint).
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "claim.pid"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text(encoding="utf-8") or "0")
+                if pid == os.getpid():
+                    return True
+                os.kill(pid, 0)
+                return False  # held by a live process
+            except (ValueError, ProcessLookupError):
+                path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            except PermissionError:
+                return False  # a live process of another user
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _read_record(record_path: pathlib.Path, args, command: Sequence[str]) -> dict | None:
+    """The committed record of a run if its command is `command` (up to `--workdir`)."""
+    if not record_path.exists():
+        return None
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    if _without_workdir(shlex.split(record["command"])) != _without_workdir(command):
+        return None
+    return record
+
+
+def other_records(args, root: pathlib.Path, seen: set) -> list[dict[str, Any]]:
+    """Records of this study's tag outside the current plan (other budgets, variants, seeds).
+
+    A record counts when its command is the one this script would run for its (budget, seed,
+    variant) with the current arguments; so one `--aggregate_only` call reports every run made
+    with the same network, subset, rate and data.
+    """
+    out_dir = common.results_dir(NAME, args.out)
+    found = []
+    for path in sorted((out_dir / "runs" / tag_of(args)).glob("ep*/*.json")):
+        head = json.loads(path.read_text(encoding="utf-8"))
+        key = (head["budget"], head["seed"], head["variant"])
+        if key in seen:
+            continue
+        try:
+            command = common.train_command(
+                CONFIG, workdir_of(root, args, *key), overrides(args, key[2], key[0], key[1])
+            )
+        except ValueError:
+            continue
+        record = _read_record(path, args, command)
+        if record is not None:
+            found.append(record)
+    return found
 
 
 def collect(args, root: pathlib.Path, run_missing: bool):
     """Finished runs (from their committed records) and, if `run_missing`, this shard's others.
 
     A run whose record exists is read, not retrained, when its command is the planned one. The
-    rest are trained in plan order (resuming from the workdir's checkpoint) or listed as pending.
+    rest are trained in plan order (resuming from the workdir's checkpoint; skipped while another
+    process has claimed them) or listed as pending. Records of the same study outside the plan
+    are added (`other_records`).
     """
     out_dir = common.results_dir(NAME, args.out)
     runs, pending = [], []
@@ -221,12 +225,11 @@ def collect(args, root: pathlib.Path, run_missing: bool):
         workdir = workdir_of(root, args, budget, seed, variant)
         record_path = run_record_of(out_dir, args, budget, seed, variant)
         command = common.train_command(CONFIG, workdir, overrides(args, variant, budget, seed))
-        if record_path.exists():
-            record = json.loads(record_path.read_text(encoding="utf-8"))
-            if _without_workdir(shlex.split(record["command"])) == _without_workdir(command):
-                runs.append(record)
-                continue
-        if not (run_missing and in_shard(args, index)):
+        record = _read_record(record_path, args, command)
+        if record is not None:
+            runs.append(record)
+            continue
+        if not (run_missing and in_shard(args, index) and claim(workdir)):
             progress = None
             metrics = workdir / "metrics.jsonl"
             if metrics.exists():
@@ -257,6 +260,7 @@ def collect(args, root: pathlib.Path, run_missing: bool):
             "command": res["command"],
         }
         common.write_json(record_path, record)
+        (workdir / "claim.pid").unlink(missing_ok=True)
         runs.append(record)
         print(
             f"[{time.time() - start:7.0f} s] ep{budget} {variant:8s} seed {seed}: "
@@ -264,12 +268,16 @@ def collect(args, root: pathlib.Path, run_missing: bool):
             f"{res.get('final_train_loss')}, {res['train_time_s']:.0f} s",
             flush=True,
         )
-    return runs, pending
+    seen = {(r["budget"], r["seed"], r["variant"]) for r in runs}
+    seen |= {(p["budget"], p["seed"], p["variant"]) for p in pending}
+    return runs + other_records(args, root, seen), pending
 
 
 def write_outputs(args, runs, pending, partial: bool) -> dict[str, Any]:
+    """`results.json`, `results.md` and the figures from every matching run record."""
+    report = fidelity_regime_report
     out_dir = common.results_dir(NAME, args.out)
-    rows = summarize(runs)
+    rows = report.summarize(runs)
     prov = common.provenance()
     prov["machine"]["isa"] = fidelity_stats.cpu_isa()
     status = (
@@ -277,7 +285,7 @@ def write_outputs(args, runs, pending, partial: bool) -> dict[str, Any]:
         if partial or pending
         else "complete: every planned run finished"
     )
-    title = f"ResNet-{args.depth}, CIFAR-10 train[:{args.train_size}], test error vs budget"
+    title = f"ResNet-{args.depth}, CIFAR-10 train[:{args.train_size}]"
     results = {
         "experiment": "fidelity regime study: CIFAR-10 subset, constant vs stochastic depth",
         "status": status,
@@ -289,8 +297,26 @@ def write_outputs(args, runs, pending, partial: bool) -> dict[str, Any]:
         "provenance": prov,
     }
     common.write_json(out_dir / "results.json", results)
+    sections = []
     if runs:
-        plot(out_dir / f"{NAME}.png", runs, rows, title)
+        report.plot_budgets(
+            out_dir / f"{NAME}.png", runs, rows, args.rate, f"{title}: test error vs budget"
+        )
+        sections.append(
+            report.budget_table(rows, args.rate) + f"\n![test error vs budget]({NAME}.png)\n"
+        )
+    for budget in report.sweep_budgets(rows):
+        png = f"survival_sweep_ep{budget}.png"
+        report.plot_sweep(
+            out_dir / png, rows, budget, args.rate, f"{title}, {budget} epochs: survival sweep"
+        )
+        sections.append(
+            f"## Survival sweep at {budget} epochs (paper Figure 8)\n\nTest error vs the last "
+            "block's drop rate p_L: the linear rule (block l of L drops with p_L * l / L) and the "
+            "uniform rule (every block drops with p_L); p_L = 0 is constant depth.\n\n"
+            + report.sweep_table(rows, budget, args.rate)
+            + f"\n![survival sweep]({png})\n"
+        )
     pend = "".join(
         f"- ep{p['budget']} {p['variant']} seed {p['seed']}: "
         + ("not started" if p["last_logged_step"] is None else f"at step {p['last_logged_step']}")
@@ -301,16 +327,17 @@ def write_outputs(args, runs, pending, partial: bool) -> dict[str, Any]:
         f"# Regime study: constant vs stochastic depth on a CIFAR-10 subset\n\n**Status: {status}.**"
         f"\n\n{title}. Config `{CONFIG}` with `input.train_split=train[:{args.train_size}]`, the "
         "step schedule (/10 at 50% and 75%) compressed to each budget, batch 128, pad-4 crops + "
-        "flips; stochastic depth linear to "
-        f"{args.rate}, batch mode. Test error on the 10,000 test images after the last epoch; "
-        "mean ± half-width of the 95% t interval over seeds; gap = SD - constant with a 95% Welch "
-        "t interval. Paper (full CIFAR-10, ResNet-110, 500 epochs): 6.41% constant, 5.25% SD.\n\n"
-        + table(rows)
-        + (f"\n![test error vs budget]({NAME}.png)\n" if runs else "")
+        f"flips; stochastic depth (SD) linear to {args.rate} unless stated, batch mode. Test error "
+        "on the 10,000 test images after the last epoch; mean ± half-width of the 95% t interval "
+        "over seeds; gap = variant - constant with a 95% Welch t interval (positive: SD worse). "
+        "Paper (full CIFAR-10, ResNet-110, 500 epochs): 6.41% constant, 5.25% SD.\n\n"
+        + "\n".join(sections)
         + ("\n## Pending runs\n\n" + pend if pend else "")
         + "\n## Provenance\n\n"
         + common.provenance_markdown(prov)
-        + f"- ISA flags: {prov['machine']['isa']}; each process pinned to one core (`taskset`), the plan split across processes with `--shard`; times of runs that overlapped other work are not comparable\n"
+        + f"- ISA flags: {prov['machine']['isa']}; each process pinned to one core (`taskset`), the "
+        "runs shared between processes by `--shard` or claims; times of runs that overlapped "
+        "other work are not comparable\n"
     )
     (out_dir / "results.md").write_text(md, encoding="utf-8")
     return results
@@ -323,7 +350,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budgets", type=int, nargs="+", default=[15, 30, 60])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--rate", type=float, default=0.5)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        help="constant, sd, warmup<F>, linear<R>, uniform<R> (e.g. warmup0.25 uniform0.8)",
+    )
     parser.add_argument("--data_dir", default=None)
     parser.add_argument("--checkpoint_every_steps", type=int, default=200)
     parser.add_argument(
@@ -332,7 +364,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--aggregate_only", action="store_true")
     parser.add_argument("--workdir_root", default=None)
     parser.add_argument("--out", default=None)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for variant in args.variants:
+        try:
+            parse_variant(variant, args.rate)
+        except ValueError as err:
+            parser.error(f"--variants: {err}")
+    return args
 
 
 def main(argv=None) -> dict[str, Any]:

@@ -5,7 +5,13 @@ import argparse
 import numpy as np
 import pytest
 
-from experiments import fidelity_reference, fidelity_regime, fidelity_stats, reference_torch
+from experiments import (
+    fidelity_reference,
+    fidelity_regime,
+    fidelity_regime_report,
+    fidelity_stats,
+    reference_torch,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Intervals
@@ -77,41 +83,93 @@ def test_gap_rows_partial_and_complete():
     diff = fidelity_reference.gap_difference(rows)
     assert diff["diff"] == pytest.approx(0.005 - 0.02)
     assert diff["low"] < diff["diff"] < diff["high"]
+    # Few seeds: wider than the normal approximation, by the t quantile of the combined df.
+    from scipy import stats
+
+    half = diff["high"] - diff["diff"]
+    assert half > stats.norm.ppf(0.975) * diff["se"]
+    assert half == pytest.approx(stats.t.ppf(0.975, diff["df"]) * diff["se"])
+    assert 1.0 <= diff["df"] <= 4.0  # at most the sum of the two Welch dfs (2 + 2)
+
+
+def _rec(budget, variant, seed, err, loss=None):
+    return {"budget": budget, "variant": variant, "seed": seed, "test_error": err,
+            "final_train_loss": loss}  # fmt: skip
 
 
 def test_regime_summary_on_partial_results():
     runs = [
-        {
-            "budget": 30,
-            "variant": "constant",
-            "seed": 0,
-            "test_error": 0.3,
-            "final_train_loss": 0.1,
-        },
-        {
-            "budget": 15,
-            "variant": "constant",
-            "seed": 0,
-            "test_error": 0.4,
-            "final_train_loss": 0.5,
-        },
-        {
-            "budget": 15,
-            "variant": "constant",
-            "seed": 1,
-            "test_error": 0.5,
-            "final_train_loss": 0.3,
-        },
-        {"budget": 15, "variant": "sd", "seed": 0, "test_error": 0.45, "final_train_loss": None},
-        {"budget": 15, "variant": "sd", "seed": 1, "test_error": 0.55, "final_train_loss": 0.7},
+        _rec(30, "constant", 0, 0.3, 0.1),
+        _rec(15, "constant", 0, 0.4, 0.5),
+        _rec(15, "constant", 1, 0.5, 0.3),
+        _rec(15, "sd", 0, 0.45),
+        _rec(15, "sd", 1, 0.55, 0.7),
+        _rec(15, "warmup0.25", 0, 0.35),
+        _rec(30, "sd", 0, 0.2),
     ]
-    rows = fidelity_regime.summarize(runs)
-    assert [r["budget"] for r in rows] == [15, 30]
-    assert rows[0]["gap_welch"]["diff"] == pytest.approx(0.05)
-    assert rows[0]["constant_train_loss"] == pytest.approx(0.4)
-    assert rows[0]["sd_train_loss"] == pytest.approx(0.7)
-    assert rows[1]["sd"] is None and rows[1]["gap_welch"] is None
-    assert "n/a" in fidelity_regime.table(rows)
+    rows = fidelity_regime_report.summarize(runs)
+    assert [(r["budget"], r["variant"]) for r in rows] == [
+        (15, "constant"), (15, "sd"), (15, "warmup0.25"), (30, "constant"), (30, "sd"),
+    ]  # fmt: skip
+    by = {(r["budget"], r["variant"]): r for r in rows}
+    assert by[15, "sd"]["gap"]["diff"] == pytest.approx(0.05)
+    assert by[15, "constant"]["train_loss"] == pytest.approx(0.4)
+    assert by[15, "sd"]["train_loss"] == pytest.approx(0.7)
+    assert by[15, "constant"]["gap"] is None  # the baseline has no gap to itself
+    assert by[15, "warmup0.25"]["gap"] is None  # one run: no interval
+    assert by[30, "sd"]["gap"] is None and by[30, "sd"]["error"]["n"] == 1
+    table = fidelity_regime_report.budget_table(rows, 0.5)
+    assert "n/a" in table and "over the first 0.25 of the steps" in table
+
+
+def test_regime_survival_sweep_points_share_constant_and_place_sd_on_the_linear_rule():
+    runs = [_rec(80, v, s, e + 0.01 * s) for s in (0, 1) for v, e in [
+        ("constant", 0.40), ("sd", 0.45), ("linear0.2", 0.42), ("uniform0.2", 0.43),
+        ("uniform0.8", 0.60), ("warmup0.25", 0.44)]]  # fmt: skip
+    rows = fidelity_regime_report.summarize(runs)
+    assert fidelity_regime_report.sweep_budgets(rows) == [80]
+    pts = fidelity_regime_report.sweep_points(rows, 80, rate=0.5)
+    assert [p for p, _ in pts["linear"]] == [0.0, 0.2, 0.5]
+    assert [p for p, _ in pts["uniform"]] == [0.0, 0.2, 0.8]
+    assert pts["uniform"][2][1]["gap"]["diff"] == pytest.approx(0.20)
+    table = fidelity_regime_report.sweep_table(rows, 80, rate=0.5)
+    assert table.count("\n") == 2 + 4  # header, rule, p_L = 0, 0.2, 0.5, 0.8
+    assert "warmup" not in table
+
+
+def test_regime_variants_parse_to_config_overrides_and_bad_names_are_refused():
+    args = argparse.Namespace(depth=20, train_size=1024, rate=0.5, data_dir=None,
+                              checkpoint_every_steps=200)  # fmt: skip
+    o = fidelity_regime.overrides(args, "warmup0.25", 40, 2)
+    assert o["train.drop_warmup_fraction"] == 0.25 and o["model.final_drop_rate"] == 0.5
+    assert "train.drop_warmup_fraction" not in fidelity_regime.overrides(args, "sd", 40, 2)
+    o = fidelity_regime.overrides(args, "uniform0.8", 40, 2)
+    assert (o["model.drop_schedule"], o["model.final_drop_rate"]) == ("uniform", 0.8)
+    assert fidelity_regime.overrides(args, "constant", 40, 2)["model.final_drop_rate"] == 0.0
+    for bad in ("sd0.3", "warmup", "uniform1.5", "linear0.5", "dropout0.1", "constant0.1"):
+        with pytest.raises(ValueError, match=bad):
+            fidelity_regime.parse_variant(bad, 0.5)
+    with pytest.raises(SystemExit):
+        fidelity_regime.parse_args(["--variants", "constant", "uniform0"])
+
+
+def test_regime_claims_share_runs_between_processes(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "run"
+    assert fidelity_regime.claim(workdir) and fidelity_regime.claim(workdir)  # mine, idempotent
+    (workdir / "claim.pid").unlink()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (workdir / "claim.pid").write_text(str(sleeper.pid))
+        assert not fidelity_regime.claim(workdir)  # held by a live process
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert fidelity_regime.claim(workdir)  # its process is gone: taken over
+    assert (workdir / "claim.pid").read_text() == str(os.getpid())
 
 
 def test_regime_plan_is_budget_major_and_overrides_set_the_subset():
@@ -226,14 +284,187 @@ def test_same_pad_conv_matches_xla_same_output_size():
         assert conv(torch.zeros(1, 1, size, size)).shape[-1] == -(-size // 2)
 
 
-def test_sdjax_and_torch_reference_agree_step_for_step():
+@pytest.mark.parametrize("image_size,channels", [(8, 1), (32, 3)], ids=["digits", "cifar10"])
+def test_sdjax_and_torch_reference_agree_step_for_step(image_size, channels):
     pytest.importorskip("torch")
     from experiments import fidelity_equivalence
 
-    diffs = fidelity_equivalence.compare(depth=20, num_keys=1, batch=8, gate_draws=2000)
+    diffs = fidelity_equivalence.compare(
+        depth=20, num_keys=1, batch=4 if image_size > 8 else 8, gate_draws=2000,
+        image_size=image_size, channels=channels,
+    )  # fmt: skip
     assert diffs["skipped_blocks_key0"] > 0  # the key skips some blocks: gates are exercised
     assert diffs["eval_logits_scale"] > 0.1  # evaluation output is not trivially zero
     for name, value in diffs.items():
         if not name.startswith(("skipped", "eval_logits_scale", "gate")):
             assert value < 1e-3, (name, value)
     assert diffs["gate_frequency_max_abs_z"] < 5.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The PyTorch reference's CIFAR-10 mode implements configs/cifar10_sd.py's recipe
+
+
+def _sdjax_config(name: str, arg: str | None = None):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / name
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
+@pytest.mark.parametrize("dataset, config_file", [("cifar10", "cifar10_sd.py"),
+                                                  ("digits", "digits_sd.py")])  # fmt: skip
+def test_cifar_and_digits_recipes_match_sdjax_configs(dataset, config_file):
+    torch = pytest.importorskip("torch")
+    from experiments import torch_models
+    from sdjax.models.cifar_resnet import CifarResNet
+
+    config = _sdjax_config(config_file)
+    recipe = reference_torch.RECIPES[dataset]
+    assert recipe.batch_size == config.train.batch_size
+    assert recipe.eval_batch_size == config.train.eval_batch_size
+    assert recipe.crop_padding == config.input.augment.crop_padding
+    assert recipe.flip == config.input.augment.flip
+    assert recipe.warmup_epochs == config.optim.warmup_epochs and config.optim.warmup_steps == 0
+    assert config.input.normalize and config.input.validation_size == 0
+    o = config.optim
+    assert (o.optimizer, o.learning_rate, o.momentum, o.nesterov) == ("sgd", 0.1, 0.9, True)
+    assert (o.weight_decay, o.weight_decay_on, o.lr_schedule) == (1e-4, "all", "step")
+    assert tuple(o.boundaries) == (0.5, 0.75) and o.decay_factor == 0.1
+    assert o.label_smoothing == 0.0 and o.ema_decay == 0.0
+    assert config.train.drop_warmup_fraction == 0.0 and not config.train.half_precision
+    assert config.model.scale_by_keep is False and config.model.drop_mode == "batch"
+    # BatchNorm: Flax momentum 0.9 / eps 1e-5 == Torch momentum 0.1 / eps 1e-5.
+    bn = torch_models.CifarResNet(20, input_channels=recipe.input_channels).stem[1]
+    flax_model = CifarResNet(depth=20)
+    assert bn.momentum == pytest.approx(1 - flax_model.bn_momentum)
+    assert bn.eps == flax_model.bn_epsilon
+    assert isinstance(bn, torch.nn.BatchNorm2d)
+
+
+def test_cifar_steps_and_learning_rate_match_sdjax():
+    from sdjax import optim, trainer
+
+    config = _sdjax_config("cifar10_sd.py", "epochs=20")
+    recipe = reference_torch.RECIPES["cifar10"]
+    spe, total = reference_torch.schedule_lengths(1024, recipe.batch_size, 20)
+    assert (spe, total) == (8, 160)  # 1024 // 128, remainder dropped; the regime records' steps
+    assert total == trainer._total_steps(config, spe)
+    assert reference_torch.schedule_lengths(1000, 128, 3) == (7, 21)  # 1000 % 128 unused
+    schedule = optim.learning_rate_schedule(config.optim, total, spe)
+    lrs = [reference_torch.learning_rate(s, total, spe, warmup_epochs=recipe.warmup_epochs)
+           for s in range(total + 1)]  # fmt: skip
+    assert lrs[0] == 0.1 and lrs[79] == 0.1 and lrs[80] == pytest.approx(0.01)
+    for step, lr in enumerate(lrs):
+        assert lr == pytest.approx(float(schedule(step)), rel=1e-6, abs=1e-9), step
+
+
+def test_cifar_data_and_normalisation_match_sdjax_pipeline(tfds_data_dir):
+    from sdjax.data import augment, pipeline
+
+    config = _sdjax_config("cifar10_sd.py")
+    config.input.train_split, config.input.test_split = "train[:256]", "test[:64]"
+    config.input.data_dir = str(tfds_data_dir)
+    data = pipeline.create(config.input)
+    (x_tr, y_tr), (x_te, y_te) = reference_torch.cifar10_split(256, str(tfds_data_dir), "test[:64]")
+    assert x_tr.shape == (256, 3, 32, 32) and x_tr.dtype == np.uint8
+    np.testing.assert_array_equal(x_tr.transpose(0, 2, 3, 1), data.train[0])
+    np.testing.assert_array_equal(y_tr, data.train[1])
+    np.testing.assert_array_equal(x_te.transpose(0, 2, 3, 1), data.test[0])
+    np.testing.assert_array_equal(y_te, data.test[1])
+    mean, std = reference_torch.channel_stats(x_tr)
+    np.testing.assert_allclose(mean, data.mean, rtol=1e-12)
+    np.testing.assert_allclose(std, data.std, rtol=1e-12)
+    ours = reference_torch.normalize(x_tr[:16], mean.astype(np.float32), std.astype(np.float32))
+    theirs = np.asarray(augment.normalize(data.train[0][:16], data.mean, data.std))
+    np.testing.assert_allclose(ours.transpose(0, 2, 3, 1), theirs, rtol=1e-6, atol=1e-6)
+    assert data.steps_per_epoch(128) == reference_torch.schedule_lengths(256, 128, 1)[0] == 2
+    # Same example order as sdjax's pipeline for a given seed.
+    for step in (0, 1, 2, 5):
+        epoch, i = divmod(step, 2)
+        order = np.random.default_rng([3, epoch]).permutation(256)
+        np.testing.assert_array_equal(
+            order[i * 128 : (i + 1) * 128], pipeline.batch_indices(3, step, 128, 256)
+        )
+
+
+def test_cifar_random_flip_mirrors_about_half_of_the_images():
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(400, 3, 4, 5)).astype(np.float32)
+    out = reference_torch.random_flip(images, np.random.default_rng(1))
+    same = np.all(out == images, axis=(1, 2, 3))
+    mirrored = np.all(out == images[..., ::-1], axis=(1, 2, 3))
+    assert np.all(same ^ mirrored)
+    assert 150 < mirrored.sum() < 250
+
+
+def test_cifar_one_step_run_writes_result(tfds_data_dir, tmp_path):
+    pytest.importorskip("torch")
+    argv = ["--dataset=cifar10", "--train_size=128", "--test_split=test[:50]",
+            f"--data_dir={tfds_data_dir}", "--variant=sd", "--seed=0", "--depth=8",
+            "--epochs=1", f"--out={tmp_path}"]  # fmt: skip
+    result = reference_torch.main(argv)
+    import json
+
+    saved = json.loads((tmp_path / "sd_seed0.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert saved["dataset"] == "cifar10" and saved["train_split"] == "train[:128]"
+    assert (saved["steps"], saved["steps_per_epoch"], saved["batch_size"]) == (1, 1, 128)
+    assert (saved["train_size"], saved["test_size"]) == (128, 50)
+    assert 0.0 <= saved["test_error"] <= 1.0 and np.isfinite(saved["final_train_loss"])
+    assert len(saved["train_loss_per_epoch"]) == len(saved["epoch_time_s"]) == 1
+    assert len(saved["normalization_mean"]) == len(saved["normalization_std"]) == 3
+    assert saved["final_drop_rate"] == 0.5 and 0.0 < saved["kept_block_fraction"] <= 1.0
+    with pytest.raises(SystemExit):  # digits keeps its fixed split
+        reference_torch.main(["--variant=sd", "--seed=0", "--train_size=5", f"--out={tmp_path}"])
+
+
+def test_cifar_mode_reuses_regime_records_and_reports_gaps(tmp_path):
+    import json
+
+    from experiments import common
+
+    args = argparse.Namespace(depth=20, train_size=1024, epochs=20, data_dir="/elsewhere/tfds",
+                              sdjax_records=None)  # fmt: skip
+    record_path = fidelity_reference.sdjax_record_path(args, "sd", 0)
+    record = json.loads(record_path.read_text())
+    planned = fidelity_reference.sdjax_cifar_command(args, "sd", 0, tmp_path / "w")
+    assert fidelity_reference.same_sdjax_run(record["command"], planned)  # workdir, data dir
+    other = fidelity_reference.sdjax_cifar_command(args, "sd", 1, tmp_path / "w")
+    assert not fidelity_reference.same_sdjax_run(record["command"], other)
+    args.epochs = 40
+    longer = fidelity_reference.sdjax_cifar_command(args, "sd", 0, tmp_path / "w")
+    assert not fidelity_reference.same_sdjax_run(record["command"], longer)
+
+    out = tmp_path / "out"
+    torch_dir = out / "torch_runs"  # committed records beside the results
+    torch_dir.mkdir(parents=True)
+    for seed, (c, s) in enumerate([(0.55, 0.60), (0.57, 0.64)]):
+        for variant, err in (("constant", c), ("sd", s)):
+            run = {"framework": "torch", "variant": variant, "seed": seed, "test_error": err,
+                   "final_train_loss": 1.0, "train_time_s": 10.0}  # fmt: skip
+            (torch_dir / f"{variant}_seed{seed}.json").write_text(json.dumps(run))
+    argv = ["--dataset=cifar10", "--depth=20", "--train_size=1024", "--epochs=20", "--seeds=2",
+            "--aggregate_only", f"--workdir_root={tmp_path / 'root'}", f"--out={out}"]  # fmt: skip
+    results = fidelity_reference.main(argv)
+    assert (out / "results.json").exists() and "CIFAR-10" in (out / "results.md").read_text()
+    assert results["pending"] == []
+    sdjax = [r for r in results["runs"] if r["framework"] == "sdjax"]
+    assert len(sdjax) == 4 and all(r["reused"] for r in sdjax)
+    regime = common.RESULTS_ROOT / "fidelity_regime" / "runs" / "resnet20_n1024_rate0.5" / "ep20"
+    for r in sdjax:
+        expected = json.loads((regime / f"{r['variant']}_seed{r['seed']}.json").read_text())
+        assert r["test_error"] == expected["test_error"]
+    rows = {r["framework"]: r for r in results["gaps"]}
+    assert rows["torch"]["gap_welch"]["diff"] == pytest.approx(0.06)
+    assert results["gap_difference_sdjax_minus_torch"] is not None
+    # Without torch runs: the sdjax side still aggregates, the torch runs are listed as pending.
+    results = fidelity_reference.main([*argv[:-2], f"--workdir_root={tmp_path / 'none'}",
+                                       f"--out={tmp_path / 'out2'}"])  # fmt: skip
+    assert {(p["framework"], p["variant"], p["seed"]) for p in results["pending"]} == {
+        ("torch", v, s) for v in ("constant", "sd") for s in (0, 1)
+    }
