@@ -196,6 +196,85 @@ def compare(
     return diffs
 
 
+def trajectory(
+    depth: int = 20,
+    steps: int = 8,
+    batch: int = 32,
+    image_size: int = 32,
+    channels: int = 3,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Per-step training losses of both frameworks from the same weights on the same batches.
+
+    Constant depth, `configs/cifar10_sd.py`'s optimizer as sdjax builds it (`sdjax.optim.create`:
+    weight decay before Nesterov momentum, lr 0.1 for these few steps) against the reference's
+    `torch.optim.SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)`; batch `s` is a
+    fixed Gaussian batch with random labels. The losses agree to float rounding while training is
+    smooth; at lr 0.1 without warm-up the early steps are unstable and rounding differences grow
+    step by step (chaotically), so only the first few steps are a test of the update rule.
+
+    Returns: `{"sdjax": [...], "torch": [...]}`, the loss before each update.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+    import torch
+    import torch.nn.functional as F
+
+    from experiments import torch_models
+    from sdjax import models, optim
+    from sdjax.config import default_config
+
+    torch.set_num_threads(1)
+    config = default_config()
+    config.optim.update(optimizer="sgd", learning_rate=0.1, momentum=0.9, nesterov=True,
+                        weight_decay=1e-4, weight_decay_on="all", lr_schedule="constant")  # fmt: skip
+    model = models.create(f"cifar_resnet{depth}", scan_blocks=False, num_classes=10,
+                          input_channels=channels, final_drop_rate=0.0)  # fmt: skip
+    variables = model.init(
+        {"params": jax.random.key(seed)}, jnp.zeros((1, image_size, image_size, channels))
+    )
+    tmodel = torch_models.CifarResNet(
+        depth, None, "batch", False, 10, input_channels=channels, same_padding=True
+    )
+    state = {k: torch.from_numpy(np.array(v)) for k, v in _to_torch_state(variables, depth).items()}
+    tmodel.load_state_dict(state, strict=False)
+    tmodel.train()
+    topt = torch.optim.SGD(
+        tmodel.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4
+    )
+    tx = optim.create(config.optim, total_steps=steps, steps_per_epoch=steps)
+    params, stats = variables["params"], variables["batch_stats"]
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, stats, opt_state, x, y):
+        def loss_fn(p):
+            logits, new = model.apply({"params": p, "batch_stats": stats}, x, train=True,
+                                      mutable=["batch_stats"])  # fmt: skip
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
+
+        (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), new["batch_stats"], opt_state, loss
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, list[float]] = {"sdjax": [], "torch": []}
+    for _ in range(steps):
+        x = rng.normal(size=(batch, image_size, image_size, channels)).astype(np.float32)
+        y = rng.integers(0, 10, size=batch)
+        params, stats, opt_state, loss = step(params, stats, opt_state, x, y)
+        out["sdjax"].append(float(loss))
+        topt.zero_grad()
+        tloss = F.cross_entropy(
+            tmodel(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())), torch.from_numpy(y)
+        )
+        tloss.backward()
+        topt.step()
+        out["torch"].append(float(tloss.detach()))
+    return out
+
+
 def _spatial(name: str, depth: int, image_size: int = 8) -> int:
     """H*W of the activations a BatchNorm named `name` normalises (square input)."""
     if name.startswith("stem"):
@@ -216,6 +295,10 @@ def main(argv=None) -> dict[str, float]:
     )
     parser.add_argument("--image_size", type=int, default=8, help="8: digits, 32: CIFAR-10")
     parser.add_argument("--channels", type=int, default=1, help="1: digits, 3: CIFAR-10")
+    parser.add_argument(
+        "--trajectory_steps", type=int, default=0,
+        help="also train this many steps in both frameworks from the same weights (see trajectory)",
+    )  # fmt: skip
     parser.add_argument("--out", default=None, help="also write the differences to this JSON file")
     args = parser.parse_args(argv)
     diffs = compare(
@@ -225,7 +308,12 @@ def main(argv=None) -> dict[str, float]:
         image_size=args.image_size,
         channels=args.channels,
     )
-    print(json.dumps(diffs, indent=1))
+    losses = None
+    if args.trajectory_steps:
+        losses = trajectory(args.depth, args.trajectory_steps, image_size=args.image_size,
+                            channels=args.channels)  # fmt: skip
+        diffs["trajectory_first_step_loss"] = abs(losses["sdjax"][0] - losses["torch"][0])
+    print(json.dumps({**diffs, "trajectory_losses": losses}, indent=1))
     if args.out:
         from experiments import common, fidelity_stats
 
@@ -234,7 +322,12 @@ def main(argv=None) -> dict[str, float]:
         prov["machine"]["isa"] = fidelity_stats.cpu_isa()
         common.write_json(
             args.out,
-            {"max_abs_differences": diffs, "tolerance": args.tolerance, "provenance": prov},
+            {
+                "max_abs_differences": diffs,
+                "trajectory_losses": losses,
+                "tolerance": args.tolerance,
+                "provenance": prov,
+            },
         )
     bad = {
         k: v
