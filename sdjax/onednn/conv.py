@@ -310,18 +310,22 @@ def impl_info(
 _PASSES = ("fwd", "bwd_data", "bwd_weights")
 
 
-def _implementations(*case) -> list[str]:
-    """`impl_info` of the three passes of one case; the RuntimeError names the failing pass."""
+@functools.cache
+def _implementations(*case) -> tuple[tuple[str, ...], str | None]:
+    """`impl_info` of the three passes of one case, cached per case.
+
+    Returns `(names, None)`, or `((), why)` when a pass has no implementation on this CPU (`why`
+    names the failing pass).
+    """
     names = []
     for kind in _PASSES:
         try:
             names.append(impl_info(kind, *case))
         except RuntimeError as e:
-            raise RuntimeError(f"{kind}: {e}") from None
-    return names
+            return (), f"{kind}: {e}"
+    return tuple(names), None
 
 
-@functools.cache
 def missing_implementation(
     x_shape: tuple[int, ...],
     kernel_shape: tuple[int, ...],
@@ -334,14 +338,9 @@ def missing_implementation(
 
     E.g. oneDNN 2.x has no bfloat16 convolution at all on CPUs without AVX-512. Cached per case.
     """
-    try:
-        _implementations(x_shape, kernel_shape, strides, pads, feature_group_count, dtype)
-    except RuntimeError as e:
-        return str(e)
-    return None
+    return _implementations(x_shape, kernel_shape, strides, pads, feature_group_count, dtype)[1]
 
 
-@functools.cache
 def has_fast_kernels(
     x_shape: tuple[int, ...],
     kernel_shape: tuple[int, ...],
@@ -355,8 +354,9 @@ def has_fast_kernels(
     Reference kernels (``"ref:..."``) are what oneDNN falls back to when the CPU lacks the ISA
     for a case (e.g. bfloat16 without AVX-512); they are far slower than XLA. Cached per case.
     """
-    try:
-        names = _implementations(x_shape, kernel_shape, strides, pads, feature_group_count, dtype)
-    except RuntimeError:
+    names, missing = _implementations(
+        x_shape, kernel_shape, strides, pads, feature_group_count, dtype
+    )
+    if missing is not None:
         return False
     return not any(name.startswith("ref") for name in names)
