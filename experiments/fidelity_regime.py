@@ -174,14 +174,23 @@ def claim(workdir: pathlib.Path) -> bool:
     return False
 
 
-def _read_record(record_path: pathlib.Path, args, command: Sequence[str]) -> dict | None:
+def planned_command(args, root: pathlib.Path, budget: int, seed: int, variant: str) -> list[str]:
+    """The `python -m sdjax.main` command line of one run of the plan."""
+    workdir = workdir_of(root, args, budget, seed, variant)
+    return common.train_command(CONFIG, workdir, overrides(args, variant, budget, seed))
+
+
+def _same_command(record: dict[str, Any], command: Sequence[str]) -> bool:
+    """Whether a run record was made by `command` (up to `--workdir`)."""
+    return _without_workdir(shlex.split(record["command"])) == _without_workdir(command)
+
+
+def _read_record(record_path: pathlib.Path, command: Sequence[str]) -> dict | None:
     """The committed record of a run if its command is `command` (up to `--workdir`)."""
     if not record_path.exists():
         return None
     record = json.loads(record_path.read_text(encoding="utf-8"))
-    if _without_workdir(shlex.split(record["command"])) != _without_workdir(command):
-        return None
-    return record
+    return record if _same_command(record, command) else None
 
 
 def other_records(args, root: pathlib.Path, seen: set) -> list[dict[str, Any]]:
@@ -194,18 +203,15 @@ def other_records(args, root: pathlib.Path, seen: set) -> list[dict[str, Any]]:
     out_dir = common.results_dir(NAME, args.out)
     found = []
     for path in sorted((out_dir / "runs" / tag_of(args)).glob("ep*/*.json")):
-        head = json.loads(path.read_text(encoding="utf-8"))
-        key = (head["budget"], head["seed"], head["variant"])
+        record = json.loads(path.read_text(encoding="utf-8"))
+        key = (record["budget"], record["seed"], record["variant"])
         if key in seen:
             continue
         try:
-            command = common.train_command(
-                CONFIG, workdir_of(root, args, *key), overrides(args, key[2], key[0], key[1])
-            )
-        except ValueError:
+            command = planned_command(args, root, *key)
+        except ValueError:  # a variant these arguments cannot name (e.g. linear<--rate>)
             continue
-        record = _read_record(path, args, command)
-        if record is not None:
+        if _same_command(record, command):
             found.append(record)
     return found
 
@@ -224,8 +230,8 @@ def collect(args, root: pathlib.Path, run_missing: bool):
     for index, (budget, seed, variant) in enumerate(plan(args)):
         workdir = workdir_of(root, args, budget, seed, variant)
         record_path = run_record_of(out_dir, args, budget, seed, variant)
-        command = common.train_command(CONFIG, workdir, overrides(args, variant, budget, seed))
-        record = _read_record(record_path, args, command)
+        command = planned_command(args, root, budget, seed, variant)
+        record = _read_record(record_path, command)
         if record is not None:
             runs.append(record)
             continue
