@@ -1,8 +1,8 @@
 """The oneDNN route of sdjax.conv.conv2d: values and gradients equal lax.conv_general_dilated's.
 
-Needs oneDNN and a C++ compiler (Debian/Ubuntu: ``apt-get install -y libdnnl-dev``). Without
-them these tests fail under CI (``CI`` set to a true value) and are skipped elsewhere, with the
-reason naming the install line.
+Needs oneDNN (the onednn-cpu-gomp / onednn-devel-cpu-gomp wheels sdjax installs on x86-64 Linux)
+and a C++ compiler. Without them every test here fails under CI (``CI`` set to a true value) and
+is skipped elsewhere, with the reason naming what is missing (the `_onednn_route` fixture).
 """
 
 import functools
@@ -30,6 +30,11 @@ def _require_onednn():
     if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
         pytest.fail(f"CI must test the oneDNN route: {reason}")
     pytest.skip(f"oneDNN route unavailable ({onednn.INSTALL_HINT}): {reason}")
+
+
+@pytest.fixture(autouse=True)
+def _onednn_route():
+    _require_onednn()
 
 
 def _ffi_targets(fn, *args):

@@ -1,6 +1,8 @@
 """oneDNN convolutions for JAX on CPU (optional; built on first use from ``conv_ffi.cc``).
 
-Needs a C++ compiler and oneDNN (Debian/Ubuntu: ``apt-get install -y libdnnl-dev g++``).
+Needs oneDNN, which ``pip install sdjax`` brings on x86-64 Linux (the ``onednn-cpu-gomp`` and
+``onednn-devel-cpu-gomp`` wheels), and a C++ compiler (``g++``). Without them
+``impl="auto"`` uses the XLA path and logs one warning line saying why.
 `sdjax.conv.conv2d` uses this route with ``impl="onednn"`` and, when `available`, with
 ``impl="auto"`` on CPU. ``python -m sdjax.onednn build`` builds the handlers ahead of time.
 """

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import os
 from collections.abc import Sequence
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
+from jax.interpreters import mlir
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -34,15 +37,18 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 """Element types the handlers accept (all operands share one)."""
 
 _FWD, _BWD_DATA, _BWD_WEIGHTS = 0, 1, 2
+_DN = ("NHWC", "HWIO", "NHWC")
 _Pads = tuple[tuple[int, int], tuple[int, int]]
 _STATUS: dict[str, str | None] = {}
+_LOG = logging.getLogger("sdjax.onednn")
 
 
 def unavailable_reason() -> str | None:
     """Why the oneDNN route cannot be used here, or None when it can.
 
     The first call builds (if needed) and loads the handlers, which may take several seconds;
-    the answer is cached for the process.
+    the answer is cached for the process. When the route is unavailable, the first call logs
+    one warning line (logger ``sdjax.onednn``) with the reason and how to fix it.
     """
     if "reason" not in _STATUS:
         try:
@@ -50,6 +56,8 @@ def unavailable_reason() -> str | None:
             _STATUS["reason"] = None
         except RuntimeError as err:
             _STATUS["reason"] = str(err)
+            first_line = str(err).splitlines()[0]
+            _LOG.warning("%s (convolutions use the XLA path)", first_line)
     return _STATUS["reason"]
 
 
@@ -96,11 +104,81 @@ def _attrs(strides, pads, groups, num_threads) -> dict[str, np.int64]:
     return {k: np.int64(v) for k, v in values.items()}
 
 
-def _raw_call(kind, a, b, out_shape, strides, pads, groups, num_threads):
-    call = jax.ffi.ffi_call(
-        _library.TARGETS[kind], jax.ShapeDtypeStruct(out_shape, a.dtype), vmap_method="sequential"
+def _xla_pass(kind, a, b, params, out_dtype):
+    """The pass as plain XLA convolutions (what an exported program contains instead)."""
+    strides, pads, groups, x_hw, kernel_shape = params
+
+    def forward(x, kernel):
+        return jax.lax.conv_general_dilated(
+            x, kernel, strides, pads, dimension_numbers=_DN, feature_group_count=groups
+        )
+
+    if kind == _FWD:
+        out = forward(a, b)
+    elif kind == _BWD_DATA:
+        x_struct = jax.ShapeDtypeStruct((a.shape[0], *x_hw, b.shape[2] * groups), a.dtype)
+        (out,) = jax.linear_transpose(lambda x: forward(x, b), x_struct)(a)
+    else:
+        k_struct = jax.ShapeDtypeStruct(kernel_shape, a.dtype)
+        (out,) = jax.linear_transpose(lambda k: forward(a, k), k_struct)(b)
+    return out.astype(out_dtype)
+
+
+# One pass as a primitive: on CPU it lowers to the FFI custom call, except in a program lowered
+# for `jax.export` (custom calls have no compatibility guarantee), where it lowers to `_xla_pass`
+# as on every other platform.
+_pass_p = jax.extend.core.Primitive("sdjax_onednn_conv_pass")
+
+
+def _pass_abstract_eval(a, b, *, kind, params, out_shape, out_dtype, num_threads):
+    del b, kind, params, num_threads
+    return jax.core.ShapedArray(out_shape, out_dtype)
+
+
+def _pass_xla_lowering(ctx, a, b, *, kind, params, out_shape, out_dtype, num_threads):
+    del out_shape, num_threads
+    xla = functools.partial(_xla_pass, kind, params=params, out_dtype=out_dtype)
+    return mlir.lower_fun(xla, multiple_results=False)(ctx, a, b)
+
+
+def _pass_cpu_lowering(ctx, a, b, *, kind, params, out_shape, out_dtype, num_threads):
+    if getattr(ctx.module_context.lowering_parameters, "for_export", False):
+        return _pass_xla_lowering(
+            ctx,
+            a,
+            b,
+            kind=kind,
+            params=params,
+            out_shape=out_shape,
+            out_dtype=out_dtype,
+            num_threads=num_threads,
+        )
+    strides, pads, groups = params[:3]
+    rule = jax.ffi.ffi_lowering(_library.TARGETS[kind])
+    return rule(ctx, a, b, **_attrs(strides, pads, groups, num_threads))
+
+
+_pass_p.def_abstract_eval(_pass_abstract_eval)
+mlir.register_lowering(_pass_p, _pass_xla_lowering)
+mlir.register_lowering(_pass_p, _pass_cpu_lowering, platform="cpu")
+
+
+def _result_dtype(kind, dtype):
+    # The kernel gradient leaves oneDNN in float32, so that shards sum before rounding.
+    return jnp.dtype(jnp.float32) if kind == _BWD_WEIGHTS else jnp.dtype(dtype)
+
+
+def _raw_call(kind, a, b, params, num_threads):
+    out_shape = _result_shape(kind, a.shape, b.shape, params)
+    return _pass_p.bind(
+        a,
+        b,
+        kind=kind,
+        params=params,
+        out_shape=tuple(out_shape),
+        out_dtype=_result_dtype(kind, a.dtype),
+        num_threads=num_threads,
     )
-    return call(a, b, **_attrs(strides, pads, groups, num_threads))
 
 
 # Shape of each pass's result from its operands' shapes (per shard: the batch is operand 0's).
@@ -110,7 +188,7 @@ def _result_shape(kind, a_shape, b_shape, params):
         return (a_shape[0], *_out_hw(a_shape[1:3], b_shape[:2], strides, pads), b_shape[3])
     if kind == _BWD_DATA:
         return (a_shape[0], *x_hw, b_shape[2] * groups)
-    return kernel_shape
+    return tuple(kernel_shape)
 
 
 def _batch_axes(sharding) -> str | tuple[str, ...] | None:
@@ -123,12 +201,10 @@ def _batch_axes(sharding) -> str | tuple[str, ...] | None:
 def _make_partitioned(kind):
     @functools.partial(custom_partitioning, static_argnums=(2,))
     def call(a, b, params):
-        out_shape = _result_shape(kind, a.shape, b.shape, params)
-        strides, pads, groups = params[:3]
         # Unpartitioned (one device, or per shard inside shard_map): the cores are shared by
         # however many CPU devices the process has.
         threads = _num_threads(len(jax.local_devices(backend="cpu")))
-        return _raw_call(kind, a, b, out_shape, strides, pads, groups, threads)
+        return _raw_call(kind, a, b, params, threads)
 
     def partition(params, mesh, arg_shapes, result_shape):
         del result_shape
@@ -138,13 +214,11 @@ def _make_partitioned(kind):
         arg_shardings = (act, act if kind == _BWD_WEIGHTS else full)
         out_sharding = full if kind == _BWD_WEIGHTS else act
         threads = _num_threads(len(mesh.local_devices))
-        strides, pads, groups = params[:3]
 
         def lower(a, b):
-            out_shape = _result_shape(kind, a.shape, b.shape, params)
-            out = _raw_call(kind, a, b, out_shape, strides, pads, groups, threads)
+            out = _raw_call(kind, a, b, params, threads)
             if kind == _BWD_WEIGHTS and batch is not None:
-                out = jax.lax.psum(out, batch)
+                out = jax.lax.psum(out, batch)  # float32 (see _result_dtype)
             return out
 
         return mesh, lower, out_sharding, arg_shardings
@@ -200,30 +274,37 @@ def _batchable(kind, params):
     return call
 
 
-def _run(kind, a, b, params):
-    return _batchable(kind, params)(a, b)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3))
+def _pass(kind, a, b, params):
+    """One pass (`_FWD`, `_BWD_DATA` or `_BWD_WEIGHTS`) on operands of one dtype.
+
+    Each pass is bilinear and the transpose of each is another pass, so the VJP is two passes,
+    and gradients of any order stay on oneDNN. Empty operands give zeros without a call.
+    """
+    out_shape = _result_shape(kind, a.shape, b.shape, params)
+    out_dtype = a.dtype
+    if 0 in a.shape or 0 in b.shape or 0 in out_shape:
+        return jnp.zeros(out_shape, out_dtype)
+    return _batchable(kind, params)(a, b).astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x, kernel, strides, pads, groups):
-    params = (strides, pads, groups, x.shape[1:3], kernel.shape)
-    return _run(_FWD, x, kernel, params)
+def _pass_fwd(kind, a, b, params):
+    return _pass(kind, a, b, params), (a, b)
 
 
-def _conv_fwd(x, kernel, strides, pads, groups):
-    return _conv(x, kernel, strides, pads, groups), (x, kernel)
+def _pass_bwd(kind, params, residuals, ct):
+    a, b = residuals
+    ct = ct.astype(a.dtype)
+    if kind == _FWD:  # (x, w) -> y
+        da, db = _pass(_BWD_DATA, ct, b, params), _pass(_BWD_WEIGHTS, a, ct, params)
+    elif kind == _BWD_DATA:  # (g, w) -> dx
+        da, db = _pass(_FWD, ct, b, params), _pass(_BWD_WEIGHTS, ct, a, params)
+    else:  # (x, g) -> dw
+        da, db = _pass(_BWD_DATA, b, ct, params), _pass(_FWD, a, ct, params)
+    return da.astype(a.dtype), db.astype(b.dtype)
 
 
-def _conv_bwd(strides, pads, groups, residuals, g):
-    x, kernel = residuals
-    params = (strides, pads, groups, x.shape[1:3], kernel.shape)
-    g = g.astype(x.dtype)
-    dx = _run(_BWD_DATA, g, kernel, params)
-    dkernel = _run(_BWD_WEIGHTS, x, g, params)
-    return dx, dkernel
-
-
-_conv.defvjp(_conv_fwd, _conv_bwd)
+_pass.defvjp(_pass_fwd, _pass_bwd)
 
 
 def conv2d(
@@ -257,7 +338,9 @@ def conv2d(
         raise RuntimeError(reason)
     strides = tuple(int(s) for s in strides)
     pads = tuple((int(lo), int(hi)) for lo, hi in pads)
-    return _conv(x, kernel, strides, pads, int(feature_group_count))
+    groups = int(feature_group_count)
+    params = (strides, pads, groups, tuple(x.shape[1:3]), tuple(kernel.shape))
+    return _pass(_FWD, x, kernel, params)
 
 
 def impl_info(
@@ -288,23 +371,69 @@ def impl_info(
         raise ValueError(
             f"impl_info: dtype={dtype} is not valid; allowed values: float32, bfloat16"
         )
+    geom = _check_case(x_shape, kernel_shape, strides, pads, feature_group_count)
     reason = unavailable_reason()
     if reason is not None:
         raise RuntimeError(reason)
     lib = _library.load()
-    n, h, w, c = x_shape
-    kh, kw, _, o = kernel_shape
-    ho, wo = _out_hw((h, w), (kh, kw), strides, pads)
-    (plh, phh), (plw, phw) = pads
-    geom = [n, c, h, w, o, kh, kw, ho, wo, strides[0], strides[1], plh, phh, plw, phw]
-    geom.append(feature_group_count)
+    threads = _num_threads(len(jax.local_devices(backend="cpu")))
     buf = ctypes.create_string_buffer(256)
-    arr = (ctypes.c_int64 * len(geom))(*[int(v) for v in geom])
-    rc = lib.sdjax_onednn_impl_info(kinds[kind], int(dtype == jnp.bfloat16), arr, buf, len(buf))
+    arr = (ctypes.c_int64 * len(geom))(*geom)
+    bf16 = int(dtype == jnp.bfloat16)
+    rc = lib.sdjax_onednn_impl_info(kinds[kind], bf16, arr, threads, buf, len(buf))
     text = buf.value.decode()
     if rc != 0:
         raise RuntimeError(f"impl_info: oneDNN cannot run this case: {text}")
     return text
+
+
+def _check_case(x_shape, kernel_shape, strides, pads, groups) -> list[int]:
+    """The C geometry (n, c, h, w, o, kh, kw, ho, wo, strides, pads, groups) of a valid case.
+
+    A batch of 0 is queried as 1 (the same primitive choice; `conv2d` runs no oneDNN call for
+    empty operands). Raises ValueError naming the bad argument.
+    """
+
+    def ints(name, values, length, minimum):
+        try:
+            out = [int(v) for v in values]
+        except (TypeError, ValueError):
+            out = None
+        if out is None or len(out) != length or any(v < minimum for v in out):
+            raise ValueError(
+                f"impl_info: {name}={values!r} is not valid; allowed values: {length} ints "
+                f">= {minimum}"
+            )
+        return out
+
+    n, h, w, c = ints("x_shape", x_shape, 4, 0)
+    kh, kw, ig, o = ints("kernel_shape", kernel_shape, 4, 1)
+    sh, sw = ints("strides", strides, 2, 1)
+    try:
+        (plh, phh), (plw, phw) = pads
+    except (TypeError, ValueError):
+        plh = None
+    if plh is None:
+        raise ValueError(f"impl_info: pads={pads!r} is not valid; allowed: ((lo, hi), (lo, hi))")
+    plh, phh, plw, phw = ints("pads", (plh, phh, plw, phw), 4, 0)
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(
+            f"impl_info: feature_group_count={groups!r} is not valid; allowed values: a positive "
+            "int dividing the input and output channel counts"
+        )
+    if min(h, w, c) < 1 or c % groups or o % groups or ig * groups != c:
+        raise ValueError(
+            f"impl_info: x_shape={tuple(x_shape)}, kernel_shape={tuple(kernel_shape)} and "
+            f"feature_group_count={groups} do not fit: need positive H, W, C with "
+            "kernel_shape[2] * feature_group_count == C, and groups dividing C and O"
+        )
+    ho, wo = _out_hw((h, w), (kh, kw), (sh, sw), ((plh, phh), (plw, phw)))
+    if h + plh + phh < kh or w + plw + phw < kw:
+        raise ValueError(
+            f"impl_info: the padded input ({h + plh + phh}, {w + plw + phw}) is smaller than "
+            f"the kernel ({kh}, {kw}); the output would be empty"
+        )
+    return [max(n, 1), c, h, w, o, kh, kw, ho, wo, sh, sw, plh, phh, plw, phw, groups]
 
 
 _PASSES = ("fwd", "bwd_data", "bwd_weights")
