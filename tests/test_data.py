@@ -66,31 +66,71 @@ def test_validation_split_and_eval_batches_cover_every_example_once():
 
 
 def test_normalisation_statistics_come_from_the_training_part():
-    ds = data_lib.create(_input())
+    """With a validation part held out, mean and std are those of the remaining training images
+    (NumPy over ``ds.train``), not of the whole training split."""
+    ds = data_lib.create(_input(validation_size=400))
+    assert len(ds.train[1]) == 1037 and len(ds.val[1]) == 400
+    pixels = ds.train[0].reshape(-1).astype(np.float64)
+    np.testing.assert_allclose(ds.mean, [pixels.mean()], rtol=1e-12)
+    np.testing.assert_allclose(ds.std, [pixels.std()], rtol=1e-12)
+    whole = np.concatenate([ds.train[0], ds.val[0]]).reshape(-1).astype(np.float64)
+    assert abs(whole.mean() - pixels.mean()) > 1e-3 * pixels.mean()  # the test can tell them apart
     x = augment.normalize(jnp.asarray(ds.train[0]), ds.mean, ds.std)
     np.testing.assert_allclose(float(x.mean()), 0.0, atol=1e-4)
     np.testing.assert_allclose(float(x.std()), 1.0, atol=1e-3)
 
 
+def _window_matches(out, images, padding):
+    """``[(2 * padding + 1) ** 2, B]``: whether ``out[b]`` equals window ``(dy, dx)`` (row-major)
+    of the zero-padded ``images[b]``."""
+    _, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    side = 2 * padding + 1
+    windows = np.stack(
+        [padded[:, dy : dy + h, dx : dx + w] for dy in range(side) for dx in range(side)]
+    )
+    return np.all(np.isclose(windows, np.asarray(out)[None], rtol=1e-6, atol=0), axis=(2, 3, 4))
+
+
+def _crop_offsets(out, images, padding):
+    """``[B, 2]``: the ``(dy, dx)`` window of its zero-padded image that each output equals (an
+    assertion error where an output is no window, or several)."""
+    match = _window_matches(out, images, padding)
+    assert np.all(match.sum(0) == 1), "an output is not exactly one window of the padded image"
+    return np.stack(divmod(match.argmax(0), 2 * padding + 1), axis=1)
+
+
 def test_random_crop_is_a_window_of_the_zero_padded_image():
-    images = jnp.arange(2 * 5 * 6 * 1, dtype=jnp.float32).reshape(2, 5, 6, 1) + 1
-    out = augment.random_crop(images, jax.random.key(0), padding=2)
+    """2,000 images of distinct pixels, padding 2: each output is one of the 25 windows of its
+    zero-padded image, and the offsets are uniform over the 25 (chi-square), alike in both
+    halves of the batch."""
+    from scipy import stats
+
+    n, padding = 2000, 2
+    images = (np.arange(n * 5 * 6, dtype=np.float32).reshape(n, 5, 6, 1) + 1) / 1000
+    out = augment.random_crop(jnp.asarray(images), jax.random.key(0), padding=padding)
     assert out.shape == images.shape
-    padded = np.pad(np.asarray(images), ((0, 0), (2, 2), (2, 2), (0, 0)))
-    for b in range(2):
-        windows = [padded[b, dy : dy + 5, dx : dx + 6] for dy in range(5) for dx in range(5)]
-        assert any(np.array_equal(np.asarray(out[b]), w) for w in windows)
+    offsets = _crop_offsets(out, images, padding)
+    counts = np.bincount(offsets[:, 0] * 5 + offsets[:, 1], minlength=25)
+    assert counts[2 * 5 + 2] < 2 * n / 25  # the uncropped image is one window among 25
+    assert stats.chisquare(counts).pvalue > 1e-3
+    halves = [np.bincount(o[:, 0] * 5 + o[:, 1], minlength=25) for o in np.split(offsets, 2)]
+    assert stats.chi2_contingency(np.array(halves)).pvalue > 1e-3
     assert augment.random_crop(images, jax.random.key(0), padding=0) is images
 
 
 def test_random_flip_flips_about_half_and_is_keyed():
-    images = jax.random.normal(jax.random.key(1), (256, 4, 4, 3))
-    out = augment.random_flip(images, jax.random.key(2))
-    flipped = np.all(np.asarray(out) == np.asarray(images[:, :, ::-1]), axis=(1, 2, 3))
-    kept = np.all(np.asarray(out) == np.asarray(images), axis=(1, 2, 3))
-    assert np.all(flipped | kept)
-    assert 90 < flipped.sum() < 166
+    """40,000 images: each is either itself or its mirror, and the flipped fraction is within
+    5 standard errors (0.0125) of 1/2."""
+    n = 40_000
+    images = jnp.arange(n * 2, dtype=jnp.float32).reshape(n, 1, 2, 1)  # two distinct columns
+    out = np.asarray(augment.random_flip(images, jax.random.key(2)))
+    flipped = np.all(out == np.asarray(images[:, :, ::-1]), axis=(1, 2, 3))
+    kept = np.all(out == np.asarray(images), axis=(1, 2, 3))
+    assert np.all(flipped ^ kept)
+    assert abs(flipped.mean() - 0.5) < 5 * (0.25 / n) ** 0.5
     np.testing.assert_array_equal(out, augment.random_flip(images, jax.random.key(2)))
+    assert not np.array_equal(out, augment.random_flip(images, jax.random.key(3)))
 
 
 def test_preprocess_eval_only_normalises():
@@ -98,10 +138,29 @@ def test_preprocess_eval_only_normalises():
     out = augment.preprocess(images, None, mean=(5.0, 5.0, 5.0), std=(5.0, 5.0, 5.0), flip=True)
     assert out.dtype == jnp.float32
     np.testing.assert_allclose(out, 1.0)
-    train = augment.preprocess(
-        images, jax.random.key(0), mean=(0, 0, 0), std=(1, 1, 1), crop_padding=4, flip=True
-    )
-    assert train.shape == (2, 4, 4, 3)
+
+
+def test_preprocess_train_normalises_then_crops_and_flips():
+    """Training: normalise (so the crop pads with the mean pixel, 0 after normalising), then a
+    random window and a random mirror: 400 images see several offsets and both flips."""
+    n = 400
+    raw = np.arange(n * 4 * 4 * 3).reshape(n, 4, 4, 3) % 251  # distinct pixels in each image
+    mean, std = (100.5, 120.5, 140.5), (50.0, 60.0, 70.0)  # no pixel normalises to 0
+    out = augment.preprocess(
+        jnp.asarray(raw, jnp.uint8), jax.random.key(0), mean=mean, std=std, crop_padding=1,
+        flip=True,
+    )  # fmt: skip
+    assert out.shape == (n, 4, 4, 3) and out.dtype == jnp.float32
+    normalised = ((raw - np.array(mean)) / np.array(std)).astype(np.float32)
+    out = np.asarray(out)
+    plain = _window_matches(out, normalised, 1).any(0)
+    mirrored = _window_matches(out[:, :, ::-1], normalised, 1).any(0)
+    assert np.all(plain ^ mirrored)  # every output is a window, or a window's mirror
+    offsets = _crop_offsets(np.where(mirrored[:, None, None, None], out[:, :, ::-1], out),
+                            normalised, 1)  # fmt: skip
+    assert 0.4 < mirrored.mean() < 0.6
+    assert len({tuple(o) for o in offsets}) == 9  # all 3 x 3 offsets occur
+    assert np.mean(np.all(offsets == 1, axis=1)) < 0.25  # (1, 1) is the uncropped image
 
 
 def test_synthetic_is_deterministic():
@@ -138,8 +197,9 @@ def test_cifar10_loads_from_a_tfds_folder(tfds_data_dir):
 
 
 def test_imagenet_stream_is_deterministic_and_resumable(tmp_path):
-    """A tiny fake imagenet2012 (tfds' writer): the same seed gives the same batches (crops
-    included), and a stream started at step 2 continues the stream started at step 0."""
+    """A tiny fake imagenet2012 (tfds' writer), 32 examples, 4 steps of 8 per epoch: the same
+    seed gives the same batches (crops included), each epoch holds every example once in its
+    own order, and a stream started at step 5 (epoch 1) continues the stream started at 0."""
     import tensorflow_datasets as tfds  # noqa: PLC0415
 
     features = tfds.builder("imagenet2012", data_dir=str(tmp_path)).info.features
@@ -165,13 +225,17 @@ def test_imagenet_stream_is_deterministic_and_resumable(tmp_path):
     ds = data_lib.create(cfg)
 
     def batches(start, n):
-        it = ds.train_iterator(3, start, 4)
+        it = ds.train_iterator(3, start, 8)
         return [next(it) for _ in range(n)]
 
-    first, again, resumed = batches(0, 4), batches(0, 4), batches(2, 2)
+    first, again, resumed = batches(0, 8), batches(0, 8), batches(5, 3)
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
-    for a, b in zip(first[2:], resumed, strict=True):
+    epochs = [np.concatenate([b["label"] for b in first[e * 4 : (e + 1) * 4]]) for e in (0, 1)]
+    for labels in epochs:
+        assert sorted(labels.tolist()) == list(range(32))  # labels are the example ids
+    assert not np.array_equal(epochs[0], epochs[1])  # epoch 1 is shuffled anew
+    for a, b in zip(first[5:], resumed, strict=True):
         np.testing.assert_array_equal(a["label"], b["label"])
         np.testing.assert_array_equal(a["image"], b["image"])
-    assert first[0]["image"].shape == (4, 16, 16, 3)
+    assert first[0]["image"].shape == (8, 16, 16, 3)
