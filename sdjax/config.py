@@ -29,9 +29,12 @@ __all__ = [
     "ALIASES",
     "HARMLESS_FIELDS",
     "LR_SCHEDULES",
+    "NORMALIZATIONS",
     "OPTIMIZERS",
     "PRNG_IMPLS",
+    "RECIPES",
     "apply_arg",
+    "apply_recipe",
     "default_config",
     "get_field",
     "parse_arg",
@@ -41,7 +44,8 @@ __all__ = [
 
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
 OPTIMIZERS = ("sgd", "rmsprop")
-LR_SCHEDULES = ("step", "cosine", "exponential", "constant")
+LR_SCHEDULES = ("step", "epoch_step", "cosine", "exponential", "constant")
+NORMALIZATIONS = ("per_channel", "pixel_mean_global_std")
 WARMUP_TYPES = ("linear", "constant")
 WEIGHT_DECAY_ON = ("all", "kernels")
 # The positive normal range of float32 (numpy.finfo(numpy.float32).tiny / .max): a learning rate
@@ -49,8 +53,56 @@ WEIGHT_DECAY_ON = ("all", "kernels")
 FLOAT32_TINY = 1.1754943508222875e-38
 FLOAT32_MAX = 3.4028234663852886e38
 
+RECIPES = ("paper", "sdjax")
+PAPER_VALIDATION_SIZE = {"cifar10": 5000, "cifar100": 5000, "svhn_cropped": 6000}
+
+
+def recipe_fields(recipe: str, dataset: str) -> dict[str, Any]:
+    """The fields where the paper's Torch code and sdjax's earlier recipe differ, by dotted path.
+
+    ``"paper"`` follows ``main.lua`` / ``cifar-dataset.lua`` / ``svhn-dataset.lua`` /
+    ``ResidualDrop.lua``: a validation hold-out (5,000 CIFAR images; 6,000 SVHN images) and test
+    error at the best validation epoch, a mean image and one global std, the last partial batch
+    kept, learning-rate drops by epoch, stride-2 convolutions padded 1/1, Kaiming fan-in convs,
+    Torch's ``nn.Linear`` init and ``cudnn.SpatialBatchNormalization``'s uniform scale init.
+    ``"sdjax"``: all 50k images train (no validation), per-channel mean/std, the remainder
+    dropped, drops by step, "SAME" padding, He fan-out, flax's ``Dense`` and a scale of 1.
+
+    Raises:
+      ValueError: an unknown recipe.
+    """
+    if recipe not in RECIPES:
+        _fail("recipe", recipe, f"one of {list(RECIPES)}")
+    paper = recipe == "paper"
+    return {
+        "input.validation_size": PAPER_VALIDATION_SIZE.get(dataset, 0) if paper else 0,
+        "input.normalization": "pixel_mean_global_std" if paper else "per_channel",
+        "input.drop_remainder": not paper,
+        "optim.lr_schedule": "epoch_step" if paper else "step",
+        "model.conv_padding": "symmetric" if paper else "same",
+        "model.conv_init": "he_fan_in" if paper else "he_fan_out",
+        "model.head_init": "torch_linear" if paper else "lecun_normal",
+        "model.bn_scale_init": "uniform" if paper else "ones",
+    }
+
+
+def apply_recipe(config: ml_collections.ConfigDict, recipe: str) -> ml_collections.ConfigDict:
+    """Sets :func:`recipe_fields` of ``recipe`` for ``config.input.dataset``; returns ``config``.
+
+    The model fields are those of ``sdjax.models.CifarResNet``.
+    """
+    for path, value in recipe_fields(recipe, config.input.dataset).items():
+        *parents, leaf = path.split(".")
+        node = config
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config
+
+
 HARMLESS_FIELDS = (
     "input.data_dir",
+    "input.npz_path",
     "train.allow_config_change",
     "train.checkpoint_every_steps",
     "train.coordinator_address",
@@ -83,19 +135,36 @@ def default_config() -> ml_collections.ConfigDict:
       input.dataset: ``digits`` | ``cifar10`` | ``cifar100`` | ``svhn_cropped`` | ``imagenet2012``
         | ``synthetic``.
       input.data_dir: TFDS data directory; None -> ``$TFDS_DATA_DIR`` -> the tfds default.
+      input.npz_path: None (tfds), or a ``.npz`` export of the dataset (``python -m
+        sdjax.data.npz_export``; keys ``train_images``, ``train_labels``, ``test_images``,
+        ``test_labels``) read with NumPy alone: no TensorFlow is imported. ``train_split`` /
+        ``test_split`` must then be ``train`` / ``test``.
       input.train_split / input.test_split: TFDS split strings (slices like ``test[:256]`` work).
       input.use_extra: SVHN only, add the 531k ``extra`` images to the training set.
       input.validation_size: number of training examples held out (the last ones of a fixed
-        seeded permutation) for validation; 0 = no validation split.
+        permutation seeded with ``split_seed``) for validation; 0 = no validation split. The
+        paper's code: 5000 of CIFAR's 50k (the rest, 45k, trains).
       input.augment.crop_padding: zero padding (after normalisation) before the random crop.
       input.augment.flip: random horizontal flips.
-      input.normalize: per-channel mean/std normalisation (statistics of the training split).
+      input.normalize: normalise the images (statistics of the training part, after the
+        validation hold-out); False feeds the raw values.
+      input.normalization: ``"per_channel"`` (a mean and a std per channel) or
+        ``"pixel_mean_global_std"`` (the paper's code: a mean image ``[H, W, C]`` and one std
+        of all values, ``ddof=1`` as Torch's ``std()``).
+      input.drop_remainder: True drops the last ``N % batch_size`` examples of each epoch's
+        permutation (``N // batch_size`` steps per epoch, one compiled step); False keeps them
+        as a last, smaller batch (``ceil(N / batch_size)`` steps per epoch, as the paper's
+        code; the partial batch compiles the step a second time, and its size must be a
+        multiple of the device count).
       input.image_size: ImageNet crop size (streamed datasets only; None = native size).
-      input.digits_test_size / input.split_seed: the fixed stratified digits test split.
+      input.digits_test_size / input.split_seed: the fixed stratified digits test split;
+        ``split_seed`` also seeds the validation hold-out.
       input.synthetic_*: shape and size of the synthetic dataset.
       input.shuffle_buffer: tf.data shuffle buffer (streamed datasets only).
       optim.*: see ``sdjax.optim.create``; ``learning_rate`` must lie in float32's positive
-        normal range.
+        normal range. ``lr_schedule="step"`` drops at fractions ``boundaries`` of the steps;
+        ``"epoch_step"`` drops by epoch as the paper's code (1-based epoch ``e`` trains at
+        ``learning_rate * decay_factor ** #{b : e >= b * num_epochs}``).
       train.batch_size: global batch size (divisible by ``jax.device_count()``).
       train.eval_batch_size: global eval batch size (divisible by the device count).
       train.num_epochs / train.num_train_steps: length; steps > 0 overrides epochs.
@@ -134,12 +203,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.input = ml_collections.ConfigDict()
     c.input.dataset = "cifar10"
     c.input.data_dir = ml_collections.config_dict.placeholder(str)
+    c.input.npz_path = ml_collections.config_dict.placeholder(str)
     c.input.train_split = "train"
     c.input.test_split = "test"
     c.input.use_extra = False
     c.input.validation_size = 0
     c.input.augment = ml_collections.ConfigDict({"crop_padding": 4, "flip": True})
     c.input.normalize = True
+    c.input.normalization = "per_channel"
+    c.input.drop_remainder = True
     c.input.image_size = ml_collections.config_dict.placeholder(int)
     c.input.digits_test_size = 360
     c.input.split_seed = 0
@@ -198,6 +270,7 @@ ALIASES = {
     "mode": "model.drop_mode",
     "dataset": "input.dataset",
     "data_dir": "input.data_dir",
+    "npz_path": "input.npz_path",
     "validation_size": "input.validation_size",
     "lr": "optim.learning_rate",
     "batch_size": "train.batch_size",
@@ -273,6 +346,9 @@ def apply_arg(
 ) -> ml_collections.ConfigDict:
     """Applies a config argument string to ``config`` in place and returns it.
 
+    ``recipe=paper`` or ``recipe=sdjax`` first sets that recipe's fields (:func:`apply_recipe`),
+    wherever it stands in the string; the other keys then apply on top of it.
+
     Keys are short aliases (``aliases`` maps them to dotted config paths, default
     :data:`ALIASES`, e.g. ``final_drop_rate`` -> ``model.final_drop_rate``, ``mode`` ->
     ``model.drop_mode``, ``steps`` -> ``train.num_train_steps``) or full dotted paths
@@ -285,7 +361,10 @@ def apply_arg(
         not convert to the field's type.
     """
     aliases = ALIASES if aliases is None else aliases
-    for key, text in parse_arg(arg).items():
+    items = parse_arg(arg)
+    if "recipe" in items and "recipe" not in aliases:
+        apply_recipe(config, items.pop("recipe"))
+    for key, text in items.items():
         path = aliases.get(key, key)
         *parents, leaf = path.split(".")
         node = config
@@ -359,6 +438,12 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
 
     _check_number(config, "input.validation_size", low=0, integer=True)
     _check_number(config, "input.augment.crop_padding", low=0, integer=True)
+    _check_choice(config, "input.normalization", NORMALIZATIONS)
+    if not isinstance(config.input.drop_remainder, bool):
+        _fail("input.drop_remainder", config.input.drop_remainder, "True or False")
+    npz_path = config.input.get("npz_path")
+    if npz_path is not None and not (isinstance(npz_path, str) and npz_path.endswith(".npz")):
+        _fail("input.npz_path", npz_path, "None (tfds) or the path of a .npz file")
 
     _check_choice(config, "optim.optimizer", OPTIMIZERS)
     _check_choice(config, "optim.lr_schedule", LR_SCHEDULES)

@@ -6,7 +6,10 @@
   ``"kernels"`` only conv/dense kernels (parameters named ``kernel``).
 * ``rmsprop``: the EfficientNet recipe (decay 0.9, eps 1e-3, momentum 0.9) with the same L2 decay.
 * Schedules (step -> learning rate): ``step`` (multiply by ``decay_factor`` at each fraction in
-  ``boundaries`` of the total steps; the paper's /10 at 50% and 75%), ``cosine``, ``exponential``
+  ``boundaries`` of the total steps; the paper's /10 at 50% and 75%), ``epoch_step`` (the same
+  drops by whole epochs, as the paper's ``main.lua``: 1-based epoch ``e`` of ``E`` trains at
+  ``learning_rate * decay_factor ** #{b in boundaries : e >= b * E}``, e.g. for 500 epochs
+  0.1 in epochs 1-249, 0.01 in 250-374, 0.001 in 375-500), ``cosine``, ``exponential``
   (``decay_factor`` every ``decay_epochs``, staircase; EfficientNet), ``constant``. An optional
   warm-up of ``warmup_steps`` (or ``warmup_epochs``) steps: ``linear`` from 0 to the base rate, or
   ``constant`` at ``warmup_factor`` times the base rate (He et al.'s 0.01 for 1202 layers).
@@ -20,7 +23,33 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["create", "learning_rate_schedule", "warmup_steps"]
+__all__ = ["create", "epoch_step_schedule", "learning_rate_schedule", "warmup_steps"]
+
+
+def epoch_step_schedule(
+    base: float,
+    boundaries: tuple[float, ...],
+    decay_factor: float,
+    num_epochs: float,
+    steps_per_epoch: int,
+) -> optax.Schedule:
+    """The paper's learning rate by epoch (``main.lua``): a function of the 0-based step.
+
+    Step ``s`` lies in the 1-based epoch ``e = s // steps_per_epoch + 1``; the rate is ``base``
+    times ``decay_factor`` once for every fraction ``b`` in ``boundaries`` with
+    ``e >= b * num_epochs`` (Lua: ``if epochCounter < maxEpochs * 0.5 then 0.1 elseif ... <
+    maxEpochs * 0.75 then 0.01 else 0.001``). The rate changes only at epoch starts, also when
+    an epoch ends with a smaller batch.
+    """
+    thresholds = jnp.asarray([b * num_epochs for b in boundaries], jnp.float32)
+    # The rates in float64 on the host, rounded once (0.1 * 0.1 ** 2 -> float32(0.001)).
+    rates = jnp.asarray([base * decay_factor**k for k in range(len(boundaries) + 1)], jnp.float32)
+
+    def schedule(step):
+        epoch = jnp.asarray(step, jnp.int32) // steps_per_epoch + 1
+        return rates[jnp.sum(epoch.astype(jnp.float32) >= thresholds)]
+
+    return schedule
 
 
 def warmup_steps(optim_config: Any, steps_per_epoch: int) -> int:
@@ -40,6 +69,14 @@ def learning_rate_schedule(
         main = optax.piecewise_constant_schedule(
             base,
             {int(b * total_steps): optim_config.decay_factor for b in optim_config.boundaries},
+        )
+    elif name == "epoch_step":
+        main = epoch_step_schedule(
+            base,
+            optim_config.boundaries,
+            optim_config.decay_factor,
+            total_steps / steps_per_epoch,
+            steps_per_epoch,
         )
     elif name == "cosine":
         main = optax.cosine_decay_schedule(base, max(total_steps, 1))

@@ -132,6 +132,14 @@ def _check_data(config: ml_collections.ConfigDict, info: Any, devices: int | Non
             f"at most {info.num_train - config.train.batch_size} so that one training batch of "
             f"{config.train.batch_size} remains ({info.num_train} train examples)."
         )
+    remainder = (info.num_train - config.input.validation_size) % config.train.batch_size
+    if not config.input.get("drop_remainder", True) and remainder % devices:
+        raise ValueError(
+            f"config.input.drop_remainder=False is invalid here: each epoch would end with a "
+            f"batch of {remainder} examples, not a multiple of the number of devices "
+            f"({devices}); allowed: True, or a batch size or validation size that leaves a "
+            "multiple of the device count."
+        )
 
 
 def _abstract_state(config, model, image_shape, tx, init_key, sharding):

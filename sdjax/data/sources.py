@@ -2,7 +2,9 @@
 
 Images are returned as ``[N, H, W, C]`` arrays (``uint8`` for tfds image datasets and synthetic
 data, ``float32`` in [0, 16] for digits) and labels as ``int32 [N]``. TensorFlow is imported only
-when a tfds dataset is used.
+when a tfds dataset is read from its tfds folder; a dataset given as a ``.npz`` export
+(``config.input.npz_path``, written by ``python -m sdjax.data.npz_export``) is read with NumPy
+alone (see :mod:`sdjax.data.npz`).
 """
 
 from __future__ import annotations
@@ -133,6 +135,10 @@ def check_available(input_config: Any) -> DatasetInfo:
         raise ValueError(
             f"config.input.dataset={name!r} is invalid; allowed: one of {list(DATASETS)}."
         )
+    if input_config.get("npz_path"):
+        from sdjax.data import npz  # noqa: PLC0415
+
+        return npz.check_available(input_config, DATASETS[name].num_classes)
     if name == "digits":
         n_test = int(input_config.digits_test_size)
         return DatasetInfo(name, 10, (8, 8, 1), 1797 - n_test, n_test)
@@ -167,6 +173,10 @@ def load_arrays(input_config: Any):
       order stored on disk (shuffling is done per epoch by the pipeline).
     """
     name = input_config.dataset
+    if input_config.get("npz_path"):
+        from sdjax.data import npz  # noqa: PLC0415
+
+        return npz.load_arrays(input_config.npz_path)
     if name == "digits":
         return _digits_split(input_config)
     if name == "synthetic":

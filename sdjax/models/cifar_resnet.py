@@ -10,8 +10,13 @@ Architecture (He et al., 2016, section 4.2, as in the paper's Torch code):
   followed by zero-padding of the new channels (no parameters);
 * global average pooling and a dense classifier.
 
-Convolutions have no bias. Every one of the ``L = 3n`` blocks, downsampling ones included, can be
-dropped; block ``l = 1..L`` gets the schedule's rate (by default the paper's linear decay to
+Convolutions have no bias: the paper's Torch convolutions have one, initialised to 0, but each
+is followed by BatchNorm, which subtracts the batch mean, so that bias gets a zero gradient and
+stays 0 (also under weight decay); leaving it out changes nothing and keeps the parameter counts.
+Initialisation and the stride-2 padding are fields: sdjax's defaults (He fan-out, flax's
+``Dense``, BatchNorm scale 1, "SAME" padding 0/1) or the paper's code (``conv_init="he_fan_in"``,
+``head_init="torch_linear"``, ``bn_scale_init="uniform"``, ``conv_padding="symmetric"``).
+Every one of the ``L = 3n`` blocks, downsampling ones included, can be dropped; block ``l = 1..L`` gets the schedule's rate (by default the paper's linear decay to
 ``final_drop_rate = 0.5``, dropped batch-wise with eval-time scaling). ResNet-110 (``n = 18``,
 ``L = 54``) has 1,727,962 parameters.
 """
@@ -31,13 +36,26 @@ from sdjax.models.base import (
     model_key,
 )
 from sdjax.models.blocks import ModuleDef, ResidualBlock
-from sdjax.models.conv_norm import pad_channels_shortcut
+from sdjax.models.conv_norm import (
+    conv_kernel_init,
+    conv_kernel_init_fan_in,
+    pad_channels_shortcut,
+    torch_linear_init,
+)
 from sdjax.models.stages import apply_stage
 
-__all__ = ["CifarResNet", "CifarResNetBlock", "DEPTHS"]
+__all__ = ["CifarResNet", "CifarResNetBlock", "DEPTHS", "RECIPE_CHOICES"]
 
 #: Depths registered by name (``cifar_resnet<depth>``); any ``6n + 2`` works.
 DEPTHS = (20, 32, 44, 56, 110, 152, 1202)  # 152: the paper's SVHN net
+
+#: The allowed values of the initialisation and padding fields (sdjax's default first).
+RECIPE_CHOICES = {
+    "conv_padding": ("same", "symmetric"),
+    "conv_init": ("he_fan_out", "he_fan_in"),
+    "head_init": ("lecun_normal", "torch_linear"),
+    "bn_scale_init": ("ones", "uniform"),
+}
 
 
 class _BasicBranch(nn.Module):
@@ -76,6 +94,17 @@ class CifarResNet(StochasticDepthFields):
     Attributes:
       depth: ``6n + 2`` (20, 32, 44, 56, 110, 1202, ...; 110).
       widths: filters of the three stages ((16, 32, 64)).
+      conv_padding: ``"same"`` (XLA's SAME: a stride-2 3x3 conv pads 0 before and 1 after) or
+        ``"symmetric"`` (1 on each side, as ``cudnn.SpatialConvolution(..., 1,1)`` in the
+        paper's code); stride-1 convolutions pad 1/1 either way.
+      conv_init: ``"he_fan_out"`` (normal, std ``sqrt(2 / fan_out)``) or ``"he_fan_in"``
+        (normal, std ``sqrt(2 / fan_in)``: the paper's ``nninit.kaiming``, gain relu).
+      head_init: the classifier's init, ``"lecun_normal"`` (flax's ``Dense``: truncated normal
+        kernel, zero bias) or ``"torch_linear"`` (Torch's ``nn.Linear``: kernel and bias
+        uniform in ``+-1 / sqrt(fan_in)``).
+      bn_scale_init: BatchNorm's scale, ``"ones"`` or ``"uniform"`` in ``[0, 1)`` (the reset of
+        ``cudnn.SpatialBatchNormalization`` the paper's code keeps; its bias starts at 0 in
+        both).
       The shared fields (keyword-only) with their defaults -- 10 classes, the paper's linear
       decay to ``final_drop_rate=0.5``, ``drop_mode="batch"``, eval-time scaling, scanned
       blocks, BatchNorm 0.9 / 1e-5 (Torch's 0.1 / 1e-5) -- are those of
@@ -89,6 +118,10 @@ class CifarResNet(StochasticDepthFields):
 
     depth: int = 110
     widths: tuple[int, int, int] = (16, 32, 64)
+    conv_padding: str = "same"
+    conv_init: str = "he_fan_out"
+    head_init: str = "lecun_normal"
+    bn_scale_init: str = "ones"
 
     def __post_init__(self):
         if (
@@ -108,6 +141,13 @@ class CifarResNet(StochasticDepthFields):
             raise ValueError(
                 f"CifarResNet: widths must not decrease (zero-padding shortcut), got {widths}."
             )
+        for field, allowed in RECIPE_CHOICES.items():
+            value = getattr(self, field)
+            if not isinstance(value, str) or value not in allowed:
+                raise ValueError(
+                    f"CifarResNet: {field}={value!r} is not valid; allowed values: "
+                    f"{', '.join(allowed)}."
+                )
         super().__post_init__()
 
     @property
@@ -131,7 +171,7 @@ class CifarResNet(StochasticDepthFields):
         scale = check_drop_rate_scale(drop_rate_scale, "CifarResNet")
         rates = self.block_rates(self.num_blocks)
         key = model_key(self, train and max(rates) > 0)
-        defs = self.block_defs(train)
+        defs = self.recipe_defs(train)
         x = defs["conv"](self.widths[0], (3, 3), name="stem_conv")(x)
         x = nn.relu(defs["norm"](name="stem_bn")(x))
         n = self.blocks_per_stage
@@ -150,5 +190,26 @@ class CifarResNet(StochasticDepthFields):
                 drop_rate_scale=scale,
             )
         x = jnp.mean(x, axis=(1, 2))
-        x = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x)
+        head_init = {}
+        if self.head_init == "torch_linear":
+            init = torch_linear_init(x.shape[-1])
+            head_init = dict(kernel_init=init, bias_init=init)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, name="head", **head_init)(x)
         return x.astype(jnp.float32)
+
+    def recipe_defs(self, train: bool) -> dict[str, Any]:
+        """:meth:`block_defs` with this model's padding and initialisation fields applied."""
+        defs = self.block_defs(train)
+        conv_kwargs = {
+            "kernel_init": conv_kernel_init_fan_in
+            if self.conv_init == "he_fan_in"
+            else conv_kernel_init
+        }
+        if self.conv_padding == "symmetric":  # every conv here is 3x3
+            conv_kwargs["padding"] = ((1, 1), (1, 1))
+        defs["conv"] = functools.partial(defs["conv"], **conv_kwargs)
+        if self.bn_scale_init == "uniform":
+            defs["norm"] = functools.partial(
+                defs["norm"], scale_init=nn.initializers.uniform(scale=1.0)
+            )
+        return defs

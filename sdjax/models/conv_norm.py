@@ -5,6 +5,9 @@
   blocks as a factory (``functools.partial(Conv, dtype=..., impl=...)``), with
   ``functools.partial(nn.BatchNorm, ...)`` as the normalization factory.
 * :func:`pad_channels_shortcut` -- the parameter-free shortcut of the paper's CIFAR ResNets.
+* Initializers: :data:`conv_kernel_init` (sdjax's He fan-out), :data:`conv_kernel_init_fan_in`
+  (the paper's ``nninit.kaiming`` with ``gain = 'relu'``) and :func:`torch_linear_init` (Torch's
+  default ``nn.Linear`` / ``nn.SpatialConvolution`` reset).
 """
 
 from __future__ import annotations
@@ -18,13 +21,38 @@ import jax.numpy as jnp
 
 from sdjax.conv import conv2d
 
-__all__ = ["Conv", "conv_kernel_init", "pad_channels_shortcut"]
+__all__ = [
+    "Conv",
+    "conv_kernel_init",
+    "conv_kernel_init_fan_in",
+    "pad_channels_shortcut",
+    "torch_linear_init",
+]
 
 Array = jax.Array
 Dtype = Any
 
-#: He/Kaiming normal with fan-out, as in the paper's Torch code and the reference EfficientNet.
+#: He/Kaiming normal with fan-out (std ``sqrt(2 / (KH * KW * C_out))``), as the reference
+#: EfficientNet and torchvision's ResNets; sdjax's default.
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+#: He/Kaiming normal with fan-in (std ``sqrt(2 / (KH * KW * C_in))``, untruncated): the paper's
+#: ``nninit.kaiming`` with ``gain = 'relu'`` (``gain * sqrt(1 / fanIn)``, normal by default).
+conv_kernel_init_fan_in = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
+
+
+def torch_linear_init(fan_in: int) -> Callable:
+    """Torch's default reset of ``nn.Linear``: uniform in ``+-1 / sqrt(fan_in)``.
+
+    Torch draws the weight and the bias from this same distribution; pass the result as both
+    ``kernel_init`` and ``bias_init`` (``fan_in``: the layer's input features).
+    """
+    bound = 1.0 / float(fan_in) ** 0.5
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
 
 
 class Conv(nn.Module):
