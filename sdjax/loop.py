@@ -55,6 +55,8 @@ class LoopState:
       train_loss: mean train loss of the last flushed window (survives a resume).
       best: ``best_val_accuracy``, ``best_val_epoch``, ``test_accuracy_at_best_val``.
       eval_metrics: the latest evaluation (``test_accuracy``, ``test_loss``, ``val_*``).
+      epoch_train: sums over this epoch's flushed steps (``loss``, ``accuracy``, ``steps``),
+        for the progress line.
       time_offset: training time of earlier (interrupted) runs, seconds.
       run_start / epoch_start: wall times.
     """
@@ -65,6 +67,7 @@ class LoopState:
     time_offset: float = 0.0
     pending: list[dict[str, jax.Array]] = dataclasses.field(default_factory=list)
     eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    epoch_train: dict[str, float] = dataclasses.field(default_factory=dict)
     logged_time: float = dataclasses.field(default_factory=time.time)
     run_start: float = dataclasses.field(default_factory=time.time)
     epoch_start: float = dataclasses.field(default_factory=time.time)
@@ -74,7 +77,13 @@ class LoopState:
         """The loop state after a restore of checkpoint ``meta`` at ``step`` (``{}``: fresh)."""
         best = {k: meta[k] for k in ("best_val_accuracy", "best_val_epoch") if k in meta}
         best.update({k: meta[k] for k in ("test_accuracy_at_best_val",) if k in meta})
-        return cls(step, meta.get("train_loss"), best, float(meta.get("train_time_s") or 0.0))
+        return cls(
+            step,
+            meta.get("train_loss"),
+            best,
+            float(meta.get("train_time_s") or 0.0),
+            eval_metrics=dict(meta.get("eval_metrics") or {}),
+        )
 
     def train_time(self) -> float:
         return self.time_offset + time.time() - self.run_start
@@ -119,10 +128,13 @@ def train_and_evaluate(
         from sdjax import metrics as metrics_lib  # noqa: PLC0415 (imports TensorFlow via clu)
 
         is_main = jax.process_index() == 0
-        writer = metrics_lib.create_writer(workdir, is_main)
-        progress = metrics_lib.ProgressBar(total, start, config.train.progress_bar)
+        writer = metrics_lib.create_writer(workdir, is_main, start)
+        progress = metrics_lib.ProgressBar(
+            total, start, spe, config.train.progress_bar, show=is_main
+        )
         if is_main and start == 0:
             _write_json(os.path.join(workdir, "config.json"), config.to_dict())
+        progress.message(_start_line(trainer, start))
         loop = LoopState.resume(trainer.meta, start)
         batches = trainer.data.train_iterator(
             config.seed, start, config.train.batch_size, jax.process_index(), jax.process_count()
@@ -137,12 +149,15 @@ def train_and_evaluate(
                 if done % config.train.log_every_steps == 0 or epoch_end or is_last:
                     flush_metrics(trainer, loop, writer, progress, done)
                 if epoch_end:
-                    writer.write_scalars(done, {"epoch_time_s": time.time() - loop.epoch_start})
+                    seconds = time.time() - loop.epoch_start
+                    writer.write_scalars(done, {"epoch_time_s": seconds})
                     if (done // spe) % config.train.eval_every_epochs == 0 or is_last:
                         evaluate(trainer, loop, writer, done, done // spe)
-                    loop.epoch_start = time.time()
+                    progress.epoch_end(done, _epoch_scalars(loop), seconds)
+                    loop.epoch_train, loop.epoch_start = {}, time.time()
                 elif is_last:
                     evaluate(trainer, loop, writer, done, done / spe)
+                    progress.epoch_end(done, _epoch_scalars(loop), time.time() - loop.epoch_start)
                 if preemption.reached(done):
                     save(trainer, loop, writer, progress, done)
                     logging.warning("Preempted: saved step %d; rerun the same command.", done)
@@ -205,8 +220,35 @@ def flush_metrics(trainer, loop: LoopState, writer, progress, step: int) -> None
     if "blocks_run" in values[0]:  # batch-mode stochastic depth: blocks computed per step
         scalars["train_blocks_run"] = float(np.mean([v["blocks_run"] for v in values]))
     loop.logged_step, loop.logged_time = step, now
+    for name, value in (("loss", losses.sum()), ("accuracy", scalars["train_accuracy"])):
+        weight = 1.0 if name == "loss" else len(values)
+        loop.epoch_train[name] = loop.epoch_train.get(name, 0.0) + float(value) * weight
+    loop.epoch_train["steps"] = loop.epoch_train.get("steps", 0.0) + len(values)
     writer.write_scalars(step, scalars)
     progress.update(step, loss=scalars["train_loss"])
+
+
+def _start_line(trainer, start: int) -> str:
+    """What the run is about to do: where it starts and on which devices."""
+    devices = jax.devices()
+    where = f"{len(devices)} {devices[0].platform} device(s), {jax.process_count()} process(es)"
+    spe = trainer.steps_per_epoch
+    if start == 0:
+        return f"training {trainer.total_steps} steps ({spe} per epoch) on {where}"
+    return (
+        f"resumed from the checkpoint at step {start} (epoch {start / spe:g}) of "
+        f"{trainer.total_steps}, on {where}"
+    )
+
+
+def _epoch_scalars(loop: LoopState) -> dict[str, float]:
+    """This epoch's mean train loss and accuracy, then the latest evaluation's accuracies."""
+    out = {}
+    if loop.epoch_train.get("steps"):
+        out["train_loss"] = loop.epoch_train["loss"] / loop.epoch_train["steps"]
+        out["train_accuracy"] = loop.epoch_train["accuracy"] / loop.epoch_train["steps"]
+    out.update({k: v for k, v in loop.eval_metrics.items() if k.endswith("_accuracy")})
+    return out
 
 
 def _evaluate_split(trainer, split: str) -> dict[str, float]:
@@ -247,6 +289,7 @@ def save(trainer, loop: LoopState, writer, progress, step: int) -> None:
     flush_metrics(trainer, loop, writer, progress, step)
     meta = {
         **loop.best,
+        "eval_metrics": loop.eval_metrics,
         "train_time_s": loop.train_time(),
         "train_loss": loop.train_loss,
         "config": json.loads(json.dumps(trainer.config.to_dict(), default=str)),

@@ -19,7 +19,14 @@ from __future__ import annotations
 
 import difflib
 import logging as pylogging
+import os
 import sys
+
+# TensorFlow (tfds reads records through it) prints a notice about its oneDNN kernels from C++
+# when it is imported; it computes nothing of the model, so the entry point turns them off
+# unless the user set the variables.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -113,6 +120,8 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     preemption = Preemption(install=not config.train.distributed)  # first: SIGTERM at any time
     logging.get_absl_handler().addFilter(_quiet_orbax)
+    if not FLAGS["verbosity"].present:  # progress has its own lines; INFO is library chatter
+        logging.set_verbosity(logging.WARNING)
     from sdjax import config as config_lib  # noqa: PLC0415
     from sdjax import loop, runtime  # noqa: PLC0415 (flags are parsed first: fast --help)
 
@@ -123,7 +132,6 @@ def main(argv: list[str]) -> None:
             config, FLAGS.workdir, command=" ".join(sys.argv), preemption=preemption
         )
     except (ValueError, FloatingPointError) as e:
-        logging.error("%s", e)
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)
     if result.get("preempted"):

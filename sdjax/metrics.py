@@ -1,8 +1,13 @@
-"""Metric writing: TensorBoard event files + ``workdir/metrics.jsonl`` (clu metric writers).
+"""Metric writing: ``workdir/metrics.jsonl``, TensorBoard event files and a progress display.
 
 Every ``write_scalars(step, {...})`` call appends one JSON object ``{"step": ..., name: value}``
 to ``metrics.jsonl`` (flushed at once, so a killed run keeps its log) and writes the same scalars
-to TensorBoard under ``workdir/tensorboard``. Only process 0 writes; other hosts only log.
+to TensorBoard under ``workdir/tensorboard``. Only process 0 writes.
+
+``metrics.jsonl`` is the run's log of record. A run that resumes from the checkpoint at step
+``S`` first drops every record with a step after ``S`` (written after that checkpoint by the
+interrupted run, and about to be written again) and rebuilds the TensorBoard events from the
+records it keeps, so that both hold each step once, as an uninterrupted run writes them.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -17,7 +23,10 @@ from typing import Any
 from clu import metric_writers
 from clu.metric_writers import interface
 
-__all__ = ["JsonlWriter", "ProgressBar", "create_writer"]
+__all__ = ["JsonlWriter", "ProgressBar", "create_writer", "truncate_records"]
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _to_python(value: Any) -> Any:
@@ -66,35 +75,131 @@ class JsonlWriter(interface.MetricWriter):
         self._file.close()
 
 
-def create_writer(workdir: str, is_main_process: bool) -> interface.MetricWriter:
-    """TensorBoard + JSON lines + logging on the main process; logging only elsewhere."""
+def truncate_records(path: str, last_step: int) -> list[dict[str, Any]]:
+    """Keeps the records of ``path`` with ``step <= last_step`` (rewritten atomically).
+
+    A line cut short by a kill (not valid JSON) is dropped with everything after it. Returns the
+    records kept; a missing file is no records.
+    """
+    kept = []
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return kept
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            break
+        if int(record["step"]) <= last_step:
+            kept.append(record)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
+    return kept
+
+
+class _NullWriter(interface.MetricWriter):
+    """Writes nothing (processes other than 0)."""
+
+    def write_scalars(self, step, scalars):
+        pass
+
+    def write_summaries(self, step, values, metadata=None):
+        pass
+
+    def write_images(self, step, images):
+        pass
+
+    def write_videos(self, step, videos):
+        pass
+
+    def write_audios(self, step, audios, *, sample_rate):
+        pass
+
+    def write_texts(self, step, texts):
+        pass
+
+    def write_histograms(self, step, arrays, num_buckets=None):
+        pass
+
+    def write_hparams(self, hparams):
+        pass
+
+
+def create_writer(workdir: str, is_main_process: bool, start_step: int) -> interface.MetricWriter:
+    """TensorBoard + JSON lines on the main process, nothing elsewhere.
+
+    ``start_step`` is the step the run starts (resumes) at: records after it are dropped from
+    ``metrics.jsonl`` and the TensorBoard events are rewritten from the records kept.
+    """
     if not is_main_process:
-        return metric_writers.LoggingWriter()
-    return metric_writers.MultiWriter(
-        [
-            metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard")),
-            JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
-            metric_writers.LoggingWriter(),
-        ]
-    )
+        return _NullWriter()
+    path = os.path.join(workdir, METRICS_FILE)
+    kept = truncate_records(path, start_step)
+    events = os.path.join(workdir, TENSORBOARD_DIR)
+    shutil.rmtree(events, ignore_errors=True)
+    summary = metric_writers.SummaryWriter(events)
+    for record in kept:
+        step = record.pop("step")
+        summary.write_scalars(step, {k: v for k, v in record.items() if not isinstance(v, str)})
+    return metric_writers.MultiWriter([summary, JsonlWriter(path)])
+
+
+def _format(name: str, value: float) -> str:
+    if name.endswith("accuracy"):
+        return f"{name.replace('_accuracy', ' acc')} {100 * value:.2f}%"
+    return f"{name.replace('_', ' ')} {value:.4g}"
 
 
 class ProgressBar:
-    """A tqdm progress bar over steps, shown only when stderr is an interactive terminal."""
+    """Progress of a run: a tqdm bar on a terminal, else one line per epoch on stderr.
 
-    def __init__(self, total: int, initial: int, enabled: bool = True):
+    The line reads e.g. ``epoch 5/20  step 110/440  train loss 0.408  train acc 86.25%  test
+    acc 79.44%  1.0 s/epoch``. ``enabled=False``: no bar, only the lines; ``show=False`` (processes
+    other than 0): nothing.
+    """
+
+    def __init__(
+        self, total: int, initial: int, steps_per_epoch: int, enabled: bool = True, show=True
+    ):
+        self._total, self._spe, self._show = total, steps_per_epoch, show
         self._bar = None
-        if enabled and sys.stderr.isatty():
+        if show and enabled and sys.stderr.isatty():
             from tqdm import tqdm  # noqa: PLC0415
 
             self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
+    def _epochs(self) -> str:
+        return f"{math.ceil(self._total / self._spe)}"
+
+    def message(self, text: str) -> None:
+        """A line of text above the bar (or on its own); nothing when ``show`` is False."""
+        if not self._show:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
     def update(self, step: int, **postfix: Any) -> None:
+        """Moves the bar to ``step`` showing ``postfix`` (a terminal only)."""
         if self._bar is not None:
             self._bar.n = step
-            if postfix:
-                self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+            epoch = f"{math.ceil(step / self._spe)}/{self._epochs()}"
+            shown = {"epoch": epoch, **{k: f"{v:.4g}" for k, v in postfix.items()}}
+            self._bar.set_postfix(shown, refresh=False)
             self._bar.refresh()
+
+    def epoch_end(self, step: int, scalars: Mapping[str, float], seconds: float) -> None:
+        """The line for the epoch that ends at ``step``: ``scalars`` as losses and accuracies."""
+        parts = [f"epoch {math.ceil(step / self._spe)}/{self._epochs()}"]
+        parts.append(f"step {step}/{self._total}")
+        parts += [_format(k, float(v)) for k, v in scalars.items()]
+        parts.append(f"{seconds:.1f} s/epoch")
+        self.message("  ".join(parts))
 
     def close(self) -> None:
         if self._bar is not None:

@@ -8,7 +8,8 @@ Promises tested here (what is identical is stated in ``sdjax.loop``'s docstring)
 * Exact resume: a run SIGKILLed at 5 seeded random points (one before the first checkpoint, one
   inside the commit of an epoch-end checkpoint, one at an epoch boundary, two anywhere) and
   rerun with the same command after each kill ends bitwise equal to an uninterrupted run, and
-  every rerun resumed from the last checkpoint on disk (no step ran twice beyond it).
+  every rerun resumed from the last checkpoint on disk; ``metrics.jsonl`` then equals the
+  uninterrupted run's line for line (the records written after that checkpoint are dropped).
 * Preemption: SIGTERM at any time -- while the data loads or between steps -- exits 0; a
   checkpoint is saved when there are steps to save, and the rerun resumes from it.
 * Checkpoint safety: a corrupted checkpoint is a clear error (exit 1), the workdir unchanged.
@@ -158,9 +159,22 @@ def metric_records(workdir: pathlib.Path) -> list[dict]:
     return [{k: v for k, v in json.loads(x).items() if k not in loop.TIMING_METRICS} for x in lines]
 
 
-def final_records(workdir: pathlib.Path) -> dict:
-    """The last record of each (step, kind) (a resumed run appends to the same log)."""
-    return {(r["step"], tuple(sorted(r))): r for r in metric_records(workdir)}
+def tensorboard_scalars(workdir: pathlib.Path) -> list[tuple[int, str, float]]:
+    """Every scalar in ``workdir/tensorboard`` as ``(step, tag, value)``, wall-clock tags out."""
+    from tensorboard.backend.event_processing.event_file_loader import (  # noqa: PLC0415
+        EventFileLoader,
+    )
+    from tensorboard.util import tensor_util  # noqa: PLC0415
+
+    scalars = []
+    for path in sorted((workdir / "tensorboard").iterdir()):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                if value.tag not in loop.TIMING_METRICS:
+                    scalars.append(
+                        (event.step, value.tag, float(tensor_util.make_ndarray(value.tensor)))
+                    )
+    return scalars
 
 
 def train_steps(workdir: pathlib.Path) -> list[int]:
@@ -169,10 +183,11 @@ def train_steps(workdir: pathlib.Path) -> list[int]:
     return [r["step"] for r in metric_records(workdir) if "train_loss" in r]
 
 
-def resumed_from(workdir: pathlib.Path) -> list[int]:
-    """Steps at which the train-metrics log starts again (a rerun appends after its restore)."""
-    steps = train_steps(workdir)
-    return [b - 1 for a, b in zip(steps, steps[1:], strict=False) if b <= a]
+def start_line(step: int) -> str:
+    """The line a run prints when it starts at ``step`` (``sdjax.loop``)."""
+    if step == 0:
+        return f"training {TOTAL_STEPS} steps"
+    return f"resumed from the checkpoint at step {step} "
 
 
 def comparable_results(workdir: pathlib.Path) -> dict:
@@ -181,12 +196,13 @@ def comparable_results(workdir: pathlib.Path) -> dict:
 
 
 def assert_same_outcome(reference: pathlib.Path, workdir: pathlib.Path) -> None:
-    """Bitwise-equal final train state, metrics (last record per step) and results."""
+    """Bitwise-equal final train state, ``metrics.jsonl`` line for line, and results."""
     assert committed_steps(workdir)[-1] == TOTAL_STEPS
     assert_trees_bitwise_equal(
         restore_state(reference, TOTAL_STEPS), restore_state(workdir, TOTAL_STEPS)
     )
-    assert final_records(workdir) == final_records(reference)
+    assert metric_records(workdir) == metric_records(reference)
+    assert tensorboard_scalars(workdir) == tensorboard_scalars(reference)
     assert comparable_results(workdir) == comparable_results(reference)
 
 
@@ -240,19 +256,18 @@ def kill_points(seed: int) -> list[str]:
 @pytest.mark.parametrize("seed", KILL_SEEDS)
 def test_sigkill_at_random_points_then_same_command_resumes_bitwise(runner, reference, seed):
     workdir = runner.root / f"sigkill_{seed}"
-    expected_restarts = []
+    start = 0  # the step each run must start at: the last checkpoint committed before it
     for event in kill_points(seed):
         rc, out = runner.run(workdir, SDJAX_TEST_EVENT=event)
         assert rc == -signal.SIGKILL, f"{event} was not reached:\n{out[-3000:]}"
+        assert start_line(start) in out, f"did not start at step {start}:\n{out[-3000:]}"
         assert not (workdir / "results.json").exists()
         if event.startswith("commit:"):  # killed mid-save: that checkpoint is not committed
             assert int(event.split(":")[1]) not in committed_steps(workdir)
-        last = (committed_steps(workdir) or [0])[-1]
-        if train_steps(workdir) and last < train_steps(workdir)[-1]:
-            expected_restarts.append(last)  # the rerun must repeat the steps after it
+        start = (committed_steps(workdir) or [0])[-1]
     rc, out = runner.run(workdir)  # the same command, no kill
     assert rc == 0, out[-3000:]
-    assert resumed_from(workdir) == expected_restarts, "a rerun did not resume from its checkpoint"
+    assert start_line(start) in out, f"did not resume at step {start}:\n{out[-3000:]}"
     assert_same_outcome(reference, workdir)
 
 
