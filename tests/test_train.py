@@ -249,9 +249,10 @@ def test_non_finite_loss_or_state_stops_and_keeps_the_last_good_checkpoint(
 def test_drop_warmup_ramps_the_drop_rates_from_zero_and_resumes_exactly(
     tmp_path, tiny_config, monkeypatch
 ):
-    """``train.drop_warmup_fraction=0.5`` of 6 steps: step s trains with the rates scaled by
-    min(1, s / 3); the gates each step drew are those of ``batch_gates`` at that scale, and a
-    run preempted at step 2 (mid-ramp) resumes to the same state."""
+    """``train.drop_warmup_fraction=0.5`` of 6 steps: step s (0-based) trains with the rates
+    scaled by min(1, s / 3) = 0, 1/3, 2/3, 1, 1, 1; the gates each step drew are those of
+    ``batch_gates`` at that scale, and a run preempted at step 2 (mid-ramp) resumes to the same
+    state."""
     config = tiny_config()
     config.train.drop_warmup_fraction = 0.5
     config.train.log_every_steps = 1
@@ -267,22 +268,32 @@ def test_drop_warmup_ramps_the_drop_rates_from_zero_and_resumes_exactly(
     model = train.create_model(config)
     train_key = jax.random.fold_in(jax.random.key(config.seed, impl=config.prng_impl), 1)
     blocks = [r["train_blocks_run"] for r in train_records(workdir)]
-    expected = []
-    for s in range(6):
+    scales = [0.0, 1 / 3, 2 / 3, 1.0, 1.0, 1.0]  # by hand, not from steps.drop_rate_scale
+    expected, at_full_rate = [], []
+    for s, scale in enumerate(scales):
         key = jax.random.fold_in(jax.random.fold_in(train_key, s), 0)
-        scale = steps.drop_rate_scale(s, 3.0)
         expected.append(int(models.batch_gates(model, key, drop_rate_scale=scale).sum()))
+        at_full_rate.append(int(models.batch_gates(model, key).sum()))
     assert blocks == expected
-    assert blocks[0] == model.num_blocks  # scale 0: no block dropped at the first step
-    assert [float(steps.drop_rate_scale(s, 3.0)) for s in (0, 3, 5)] == [0.0, 1.0, 1.0]
+    # These keys tell the ramp from a jump to the full rates after step 0: steps 1 and 2 run all
+    # 9 blocks with the ramp, fewer at the full rates.
+    assert blocks[:3] == [9, 9, 9] and at_full_rate[1:3] == [6, 8]
+    for s, scale in enumerate(scales):
+        assert float(steps.drop_rate_scale(s, 3.0)) == pytest.approx(scale, rel=1e-6), s
 
 
-def test_row_subset_draws_one_subset_per_device_unless_the_config_says_otherwise(tiny_config):
+def test_row_subset_draws_one_subset_per_device_unless_the_config_says_otherwise(
+    tiny_config, monkeypatch
+):
+    """Four devices (``jax.device_count`` patched: the default must follow it, and one device
+    would make it equal to 1): ``drop_shards`` defaults to 4; a configured value wins."""
+    monkeypatch.setattr(jax, "device_count", lambda *a, **k: 4)
     config = tiny_config("model.drop_mode=row_subset")
-    assert trainer.model_kwargs(config)["drop_shards"] == jax.device_count()
-    assert trainer.create_model(config).drop_shards == jax.device_count()
+    assert trainer.model_kwargs(config)["drop_shards"] == 4
+    assert trainer.create_model(config).drop_shards == 4
     config.model.drop_shards = 1
     assert trainer.model_kwargs(config)["drop_shards"] == 1
+    assert trainer.create_model(config).drop_shards == 1
     config.model.drop_mode = "row"
     del config.model["drop_shards"]
     assert "drop_shards" not in trainer.model_kwargs(config)
