@@ -115,6 +115,7 @@ HARMLESS_FIELDS = (
     "train.num_processes",
     "train.process_id",
     "train.progress_bar",
+    "train.tensorboard",
 )
 """Fields a resumed run may change without ``train.allow_config_change``: they change where the
 data is read from, how often metrics and checkpoints are written, or how the work is spread over
@@ -180,6 +181,9 @@ def default_config() -> ml_collections.ConfigDict:
       train.distributed: call ``jax.distributed.initialize`` (multi-host); the coordinator
         fields are passed to it when set (else auto-detected on TPU/SLURM).
       train.progress_bar: show a progress bar (only on an interactive terminal).
+      train.tensorboard: also write TensorBoard events (needs clu and TensorFlow); False writes
+        only ``metrics.jsonl`` and the log, so that a run on ``input.npz_path`` imports no
+        TensorFlow.
       train.num_cpu_devices: 0 leaves JAX's CPU device count alone (1 unless
         ``JAX_NUM_CPU_DEVICES`` says otherwise); n > 0 splits the CPU backend into n devices
         (``sdjax.runtime.setup``, before JAX initializes) and training runs data-parallel over
@@ -258,6 +262,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.num_processes = ml_collections.config_dict.placeholder(int)
     c.train.process_id = ml_collections.config_dict.placeholder(int)
     c.train.progress_bar = True
+    c.train.tensorboard = True
     c.train.num_cpu_devices = 0
     c.train.host_malloc = "auto"
     return c

@@ -125,10 +125,11 @@ def train_and_evaluate(
         finished = read_results(workdir, total) if start == total else None
         if finished is not None or preemption.reached(start):
             return finished or {"preempted": True, "steps": start, "saved": False}
-        from sdjax import metrics as metrics_lib  # noqa: PLC0415 (imports TensorFlow via clu)
+        from sdjax import metrics as metrics_lib  # noqa: PLC0415
 
         is_main = jax.process_index() == 0
-        writer = metrics_lib.create_writer(workdir, is_main, start)
+        tensorboard = config.train.get("tensorboard", True)  # clu and TensorFlow only if True
+        writer = metrics_lib.create_writer(workdir, is_main, start, tensorboard)
         progress = metrics_lib.ProgressBar(
             total, start, spe, config.train.progress_bar, show=is_main
         )
@@ -318,7 +319,7 @@ def make_results(trainer, loop: LoopState, command: str | None) -> dict[str, Any
         "best_val_accuracy": best.get("best_val_accuracy"),
         "best_val_epoch": best.get("best_val_epoch"),
         "test_error_at_best_val": (
-            1.0 - best["test_accuracy_at_best_val"] if best.get("best_val_accuracy") else None
+            1.0 - best["test_accuracy_at_best_val"] if "test_accuracy_at_best_val" in best else None
         ),
         "train_time_s": loop.train_time(),
         "steps": total,

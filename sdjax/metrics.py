@@ -8,6 +8,10 @@ to TensorBoard under ``workdir/tensorboard``. Only process 0 writes.
 ``S`` first drops every record with a step after ``S`` (written after that checkpoint by the
 interrupted run, and about to be written again) and rebuilds the TensorBoard events from the
 records it keeps, so that both hold each step once, as an uninterrupted run writes them.
+
+TensorBoard events need clu (and through it TensorFlow), imported only when they are written:
+with ``tensorboard=False`` (``config.train.tensorboard``), or where clu is not installed (a
+logged warning), only ``metrics.jsonl`` is written and neither is imported.
 """
 
 from __future__ import annotations
@@ -20,8 +24,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from clu import metric_writers
-from clu.metric_writers import interface
+from absl import logging
 
 __all__ = ["JsonlWriter", "ProgressBar", "create_writer", "truncate_records"]
 
@@ -36,8 +39,9 @@ def _to_python(value: Any) -> Any:
     return value
 
 
-class JsonlWriter(interface.MetricWriter):
-    """A clu ``MetricWriter`` that appends scalars as JSON lines to ``path``."""
+class JsonlWriter:
+    """A writer with clu's ``MetricWriter`` methods that appends scalars as JSON lines to
+    ``path`` (clu is not imported)."""
 
     def __init__(self, path: str):
         self._file = open(path, "a")  # noqa: SIM115 (closed in close())
@@ -101,7 +105,7 @@ def truncate_records(path: str, last_step: int) -> list[dict[str, Any]]:
     return kept
 
 
-class _NullWriter(interface.MetricWriter):
+class _NullWriter:
     """Writes nothing (processes other than 0)."""
 
     def write_scalars(self, step, scalars):
@@ -129,16 +133,26 @@ class _NullWriter(interface.MetricWriter):
         pass
 
 
-def create_writer(workdir: str, is_main_process: bool, start_step: int) -> interface.MetricWriter:
+def create_writer(
+    workdir: str, is_main_process: bool, start_step: int, tensorboard: bool = True
+) -> Any:
     """TensorBoard + JSON lines on the main process, nothing elsewhere.
 
     ``start_step`` is the step the run starts (resumes) at: records after it are dropped from
     ``metrics.jsonl`` and the TensorBoard events are rewritten from the records kept.
+    ``tensorboard=False``, or clu not installed, writes JSON lines only (no clu, no TensorFlow).
     """
     if not is_main_process:
         return _NullWriter()
     path = os.path.join(workdir, METRICS_FILE)
     kept = truncate_records(path, start_step)
+    if not tensorboard:
+        return JsonlWriter(path)
+    try:
+        from clu import metric_writers  # noqa: PLC0415 (imports TensorFlow)
+    except ImportError as e:
+        logging.warning("no TensorBoard events (%s); metrics.jsonl only", e)
+        return JsonlWriter(path)
     events = os.path.join(workdir, TENSORBOARD_DIR)
     shutil.rmtree(events, ignore_errors=True)
     summary = metric_writers.SummaryWriter(events)
