@@ -22,8 +22,10 @@ residual helper), ``conv_norm.py`` (convolution, shortcut), ``stages.py`` (scan/
 layout converters), ``gates.py`` (:func:`batch_gates`), one file per family.
 
 Registered names (:func:`names`): ``cifar_resnet{20,32,44,56,110,152,1202}``,
-``resnet{18,34,50,101,152}``, ``efficientnet_b{0..7}``. This package imports neither TensorFlow
-nor any data or training code.
+``resnet{18,34,50,101,152}``, ``efficientnet_b{0..7}``, ``vit_{ti16,s16,b16}`` (DeiT/ViT,
+``vit.py``), ``convnext_{tiny,small,base}`` (``convnext.py``); the LayerNorm families share
+``ln_base.py``, and ``prune.py`` evaluates any model with residual blocks removed. This package
+imports neither TensorFlow nor any data or training code.
 """
 
 from __future__ import annotations
@@ -36,17 +38,23 @@ import flax.linen as nn
 from sdjax.models.base import dataclass_fields
 from sdjax.models.cifar_resnet import DEPTHS as CIFAR_DEPTHS
 from sdjax.models.cifar_resnet import CifarResNet
+from sdjax.models.convnext import VARIANTS as CONVNEXT_VARIANTS
+from sdjax.models.convnext import ConvNeXt
 from sdjax.models.efficientnet import VARIANTS as EFFICIENTNET_VARIANTS
 from sdjax.models.efficientnet import EfficientNet
 from sdjax.models.gates import batch_gates
 from sdjax.models.resnet import STAGE_SIZES as RESNET_DEPTHS
 from sdjax.models.resnet import ResNet
 from sdjax.models.stages import scan_to_unrolled, unrolled_to_scan
+from sdjax.models.vit import VARIANTS as VIT_VARIANTS
+from sdjax.models.vit import ViT
 
 __all__ = [
     "CifarResNet",
+    "ConvNeXt",
     "EfficientNet",
     "ResNet",
+    "ViT",
     "batch_gates",
     "create",
     "names",
@@ -63,6 +71,10 @@ def _registry() -> dict[str, tuple[Callable[..., nn.Module], dict[str, Any]]]:
         registry[f"resnet{depth}"] = (ResNet, {"depth": depth})
     for variant, spec in EFFICIENTNET_VARIANTS.items():
         registry[f"efficientnet_{variant}"] = (EfficientNet, spec._asdict())
+    for variant, fields in VIT_VARIANTS.items():
+        registry[f"vit_{variant}"] = (ViT, fields)
+    for variant, fields in CONVNEXT_VARIANTS.items():
+        registry[f"convnext_{variant}"] = (ConvNeXt, fields)
     return registry
 
 
