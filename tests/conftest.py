@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny config, CIFAR-10 in tfds layout (real or fake), a run's losses."""
+"""Shared fixtures: the tiny config, CIFAR-10 in tfds layout (real or fake), torch (required
+under CI), a run's losses."""
 
 import json
 import os
@@ -104,7 +105,7 @@ def tfds_data_dir(tmp_path_factory) -> pathlib.Path:
     """
     if REAL_CIFAR10:
         return TFDS_DATA_DIR
-    if os.environ.get("CI", "").lower() == "true":
+    if in_ci():
         pytest.fail(
             f"CI=true but the real CIFAR-10 is not at {TFDS_DATA_DIR}/cifar10: put the tfds "
             "folder beside the repository (../shared/data/tfds) or set SDJAX_TEST_TFDS_DIR"
@@ -112,6 +113,26 @@ def tfds_data_dir(tmp_path_factory) -> pathlib.Path:
     fake = tmp_path_factory.mktemp("fake_tfds")
     write_fake_cifar10(fake)
     return fake
+
+
+def in_ci() -> bool:
+    """Whether the CI service runs these tests (``CI=true``, as CI services set it)."""
+    return os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """The ``torch`` module, for the PyTorch peer's equivalence tests (``pip install -e
+    ".[bench]"``). Without it these tests skip, except under ``CI=true``, where they fail: CI
+    must run them."""
+    try:
+        import torch  # noqa: PLC0415
+    except ImportError as error:
+        reason = f'PyTorch is not installed ({error}): pip install -e ".[bench]"'
+        if in_ci():
+            pytest.fail(f"CI must run the PyTorch equivalence tests: {reason}")
+        pytest.skip(reason)
+    return torch
 
 
 @pytest.fixture(scope="session")

@@ -373,8 +373,7 @@ def test_unrolled_rows_and_row_subset_shards_per_device():
         assert shards == {"row_subset+dp": 4, "row_subset": 1, "row+dp": 1}, name
 
 
-def test_torch_row_subset_runs_the_branch_on_k_samples():
-    torch = pytest.importorskip("torch")
+def test_torch_row_subset_runs_the_branch_on_k_samples(torch):
     from experiments import torch_models  # noqa: PLC0415
 
     calls = []

@@ -79,17 +79,40 @@ def test_gap_rows_partial_and_complete():
     assert rows["torch"]["gap_welch"]["diff"] == pytest.approx(0.02)
     assert fidelity_reference.gap_difference(list(rows.values())) is None
     runs += [_run("sdjax", "constant", 1, 0.02), _run("sdjax", "sd", 1, 0.02)]
-    rows = fidelity_reference.gap_rows(runs)
-    diff = fidelity_reference.gap_difference(rows)
+    diff = fidelity_reference.gap_difference(fidelity_reference.gap_rows(runs))
     assert diff["diff"] == pytest.approx(0.005 - 0.02)
     assert diff["low"] < diff["diff"] < diff["high"]
-    # Few seeds: wider than the normal approximation, by the t quantile of the combined df.
+
+
+def _welch_se2_df(sd, constant):
+    """Hand computation: the squared standard error and Welch-Satterthwaite df of
+    ``mean(sd) - mean(constant)``."""
+    va, vb = np.var(sd, ddof=1) / len(sd), np.var(constant, ddof=1) / len(constant)
+    return va + vb, (va + vb) ** 2 / (va**2 / (len(sd) - 1) + vb**2 / (len(constant) - 1))
+
+
+def test_gap_difference_interval_uses_the_satterthwaite_df_of_the_two_gaps():
+    """Unequal spreads, 2 and 3 seeds: the gaps' Welch dfs are 1.009 and 3.829, and the df of
+    their difference is 1.304, not their sum (4.84) nor their minimum (1.009): the half-width
+    is 0.599, where those would give 0.208 and 0.999."""
     from scipy import stats
 
-    half = diff["high"] - diff["diff"]
-    assert half > stats.norm.ppf(0.975) * diff["se"]
-    assert half == pytest.approx(stats.t.ppf(0.975, diff["df"]) * diff["se"])
-    assert 1.0 <= diff["df"] <= 4.0  # at most the sum of the two Welch dfs (2 + 2)
+    errors = {"sdjax": {"constant": [0.38, 0.39], "sd": [0.38, 0.23]},
+              "torch": {"constant": [0.31, 0.32, 0.25], "sd": [0.27, 0.25, 0.21]}}  # fmt: skip
+    runs = [_run(fw, v, seed, e) for fw, by in errors.items() for v, es in by.items()
+            for seed, e in enumerate(es)]  # fmt: skip
+    diff = fidelity_reference.gap_difference(fidelity_reference.gap_rows(runs))
+    (se2_a, df_a), (se2_b, df_b) = (_welch_se2_df(errors[fw]["sd"], errors[fw]["constant"])
+                                    for fw in ("sdjax", "torch"))  # fmt: skip
+    df = (se2_a + se2_b) ** 2 / (se2_a**2 / df_a + se2_b**2 / df_b)
+    assert (df_a, df_b, df) == pytest.approx((1.008889, 3.829092, 1.303596), rel=1e-5)
+    assert diff["diff"] == pytest.approx((0.305 - 0.385) - (0.73 / 3 - 0.88 / 3))
+    assert diff["se"] == pytest.approx((se2_a + se2_b) ** 0.5, rel=1e-9)
+    assert diff["df"] == pytest.approx(df, rel=1e-9)
+    half = stats.t.ppf(0.975, df) * (se2_a + se2_b) ** 0.5
+    assert half == pytest.approx(0.599066, rel=1e-5)
+    assert diff["high"] - diff["diff"] == pytest.approx(half, rel=1e-9)
+    assert diff["diff"] - diff["low"] == pytest.approx(half, rel=1e-9)
 
 
 def _rec(budget, variant, seed, err, loss=None):
@@ -258,8 +281,7 @@ def test_random_crop_pads_with_zeros_and_keeps_shape():
     assert zeros.max() > 0
 
 
-def test_torch_peer_eval_scales_branch_and_init_matches_flax_dense():
-    torch = pytest.importorskip("torch")
+def test_torch_peer_eval_scales_branch_and_init_matches_flax_dense(torch):
     from experiments import torch_models
 
     torch.manual_seed(0)
@@ -275,8 +297,7 @@ def test_torch_peer_eval_scales_branch_and_init_matches_flax_dense():
     torch.testing.assert_close(block(x, x), expected)
 
 
-def test_same_pad_conv_matches_xla_same_output_size():
-    torch = pytest.importorskip("torch")
+def test_same_pad_conv_matches_xla_same_output_size(torch):
     from experiments import torch_models
 
     conv = torch_models.SamePadConv2d(1, 1, 3, stride=2, padding=0, bias=False)
@@ -285,8 +306,7 @@ def test_same_pad_conv_matches_xla_same_output_size():
 
 
 @pytest.mark.parametrize("image_size,channels", [(8, 1), (32, 3)], ids=["digits", "cifar10"])
-def test_sdjax_and_torch_reference_agree_step_for_step(image_size, channels):
-    pytest.importorskip("torch")
+def test_sdjax_and_torch_reference_agree_step_for_step(image_size, channels, torch):
     from experiments import fidelity_equivalence
 
     diffs = fidelity_equivalence.compare(
@@ -301,10 +321,9 @@ def test_sdjax_and_torch_reference_agree_step_for_step(image_size, channels):
     assert diffs["gate_frequency_max_abs_z"] < 5.0
 
 
-def test_sdjax_optimizer_and_torch_sgd_follow_the_same_trajectory():
+def test_sdjax_optimizer_and_torch_sgd_follow_the_same_trajectory(torch):
     """Several updates from the same weights: sdjax's optimizer (weight decay, Nesterov) and the
     reference's torch SGD give the same losses over the first steps."""
-    pytest.importorskip("torch")
     from experiments import fidelity_equivalence
 
     losses = fidelity_equivalence.trajectory(depth=20, steps=4, batch=16, image_size=8, channels=3)
@@ -330,10 +349,8 @@ def _sdjax_config(name: str, arg: str | None = None):
 @pytest.mark.parametrize("dataset, config_file", [("cifar10", "cifar10_sd.py"),
                                                   ("digits", "digits_sd.py")])  # fmt: skip
 def test_cifar_and_digits_recipes_match_sdjax_configs(dataset, config_file):
-    torch = pytest.importorskip("torch")
-    from experiments import torch_models
-    from sdjax.models.cifar_resnet import CifarResNet
-
+    """The reference's recipe (batch sizes, augmentation, warm-up) and the fixed parts of its
+    optimizer are those of the sdjax config (no PyTorch needed to compare them)."""
     config = _sdjax_config(config_file)
     recipe = reference_torch.RECIPES[dataset]
     assert recipe.batch_size == config.train.batch_size
@@ -349,12 +366,20 @@ def test_cifar_and_digits_recipes_match_sdjax_configs(dataset, config_file):
     assert o.label_smoothing == 0.0 and o.ema_decay == 0.0
     assert config.train.drop_warmup_fraction == 0.0 and not config.train.half_precision
     assert config.model.scale_by_keep is False and config.model.drop_mode == "batch"
-    # BatchNorm: Flax momentum 0.9 / eps 1e-5 == Torch momentum 0.1 / eps 1e-5.
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "digits"])
+def test_torch_batch_norm_matches_flax(dataset, torch):
+    """BatchNorm: Flax momentum 0.9 / eps 1e-5 == Torch momentum 0.1 / eps 1e-5."""
+    from experiments import torch_models
+    from sdjax.models.cifar_resnet import CifarResNet
+
+    recipe = reference_torch.RECIPES[dataset]
     bn = torch_models.CifarResNet(20, input_channels=recipe.input_channels).stem[1]
     flax_model = CifarResNet(depth=20)
+    assert isinstance(bn, torch.nn.BatchNorm2d)
     assert bn.momentum == pytest.approx(1 - flax_model.bn_momentum)
     assert bn.eps == flax_model.bn_epsilon
-    assert isinstance(bn, torch.nn.BatchNorm2d)
 
 
 def test_cifar_steps_and_learning_rate_match_sdjax():
@@ -413,8 +438,7 @@ def test_cifar_random_flip_mirrors_about_half_of_the_images():
     assert 150 < mirrored.sum() < 250
 
 
-def test_cifar_one_step_run_writes_result(tfds_data_dir, tmp_path):
-    pytest.importorskip("torch")
+def test_cifar_one_step_run_writes_result(tfds_data_dir, tmp_path, torch):
     argv = ["--dataset=cifar10", "--train_size=128", "--test_split=test[:50]",
             f"--data_dir={tfds_data_dir}", "--variant=sd", "--seed=0", "--depth=8",
             "--epochs=1", f"--out={tmp_path}"]  # fmt: skip
