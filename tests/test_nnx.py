@@ -45,13 +45,16 @@ def test_stream_advances_and_is_reproducible():
     chex.assert_trees_all_equal(a, jnp.where(kept[:, None], 2.0 * x, 0.0))
 
 
-def test_train_eval_and_jit():
-    model = Model(nnx.Rngs(0, dropout=1), scale_by_keep=False)
+@pytest.mark.parametrize("scale_by_keep, eval_factor", [(False, 0.5), (True, 1.0)])
+def test_train_eval_and_jit(scale_by_keep, eval_factor):
+    """Eval: dropout is the identity; stochastic depth (rate 0.5) passes its input whole with
+    ``scale_by_keep=True`` (training scaled the kept ones) and times 0.5 without."""
+    model = Model(nnx.Rngs(0, dropout=1), scale_by_keep=scale_by_keep)
     x = jnp.ones((8, 3))
     model.eval()
     assert model.drop_path.deterministic and model.dropout.deterministic
     h = model.linear(x)
-    chex.assert_trees_all_close(model(x), h + 0.5 * h)
+    chex.assert_trees_all_close(model(x), h + eval_factor * h)
     model.train()
 
     @nnx.jit
@@ -60,7 +63,7 @@ def test_train_eval_and_jit():
 
     a, b = step(model, x), step(model, x)
     assert not bool(jnp.array_equal(a, b))
-    chex.assert_trees_all_close(nnx.view(model, deterministic=True)(x), h + 0.5 * h)
+    chex.assert_trees_all_close(nnx.view(model, deterministic=True)(x), h + eval_factor * h)
 
 
 def test_missing_key_and_invalid_arguments():

@@ -132,6 +132,29 @@ def test_equals_linen_for_the_same_key(mode):
         chex.assert_trees_all_close(residual(X, SHORTCUT, rngs=key), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["row", "batch", "row_subset"])
+@pytest.mark.parametrize("scale_by_keep, eval_factor", [(True, 1.0), (False, 0.7)])
+def test_eval_adds_the_whole_branch_or_its_keep_fraction(mode, scale_by_keep, eval_factor):
+    """Eval, rate 0.3: ``shortcut + branch(x)`` with ``scale_by_keep=True`` (the default: training
+    scaled the kept branches), ``shortcut + 0.7 * branch(x)`` without; the branch by hand."""
+    residual = _residual(0.3, mode=mode, scale_by_keep=scale_by_keep, use_norm=False)
+    kernel = np.asarray(residual.branch.linear.kernel[...], np.float64)
+    bias = np.asarray(residual.branch.linear.bias[...], np.float64)
+    branch = np.tanh(np.asarray(X, np.float64) @ kernel + bias)
+    expected = np.asarray(SHORTCUT, np.float64) + eval_factor * branch
+    out = residual(X, SHORTCUT, deterministic=True)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    residual.eval()
+    np.testing.assert_allclose(residual(X, SHORTCUT), expected, rtol=1e-5, atol=1e-6)
+    run = nnx.jit(lambda r: r(X, SHORTCUT))
+    np.testing.assert_allclose(run(residual), expected, rtol=1e-5, atol=1e-6)
+    if scale_by_keep:  # the default
+        np.testing.assert_allclose(
+            _residual(0.3, mode=mode, use_norm=False)(X, SHORTCUT, deterministic=True),
+            expected, rtol=1e-5, atol=1e-6,
+        )  # fmt: skip
+
+
 def test_stream_eval_and_array_rate():
     residual = DropPathResidual(
         Branch(nnx.Rngs(0), use_norm=False),
