@@ -108,7 +108,8 @@ def conv2d(
         (oneDNN kernels through XLA FFI custom calls, `sdjax.onednn`; float32 and
         bfloat16, any grouping). The oneDNN route runs only where the program runs on
         CPU: it sits in a `lax.platform_dependent` whose other branch is the stock XLA
-        convolution, so programs lowered or exported for GPU/TPU contain no custom call.
+        convolution, so programs lowered for GPU/TPU contain no custom call; nor does a
+        program exported with `jax.export`, for any platforms (CPU included).
 
     Returns:
       ``(N, H_out, W_out, C_out)`` array in the (promoted) input dtype. Values and

@@ -2,14 +2,18 @@
 
 `conv2d` computes the same function as `lax.conv_general_dilated` with NHWC inputs, HWIO
 kernels, window strides, explicit (possibly asymmetric) padding and ``feature_group_count``,
-by calling oneDNN kernels through three XLA FFI custom calls tied by a `jax.custom_vjp`.
+by calling oneDNN kernels through three XLA FFI custom calls, one per pass (forward, input
+gradient, kernel gradient). Each pass is bilinear and its transpose is another pass, so one
+`jax.custom_vjp` over the passes gives gradients of any order (reverse mode) on oneDNN.
 Each call is wrapped in `jax.experimental.custom_partitioning`: under `jax.jit` with the batch
 dimension sharded over several CPU devices, every device convolves its own shard (the kernel
-gradient is summed over the batch axes with one all-reduce), so activations are never
-gathered. No randomness is involved.
+gradient is summed over the batch axes in float32 with one all-reduce, then rounded), so
+activations are never gathered. No randomness is involved.
 
-The custom calls exist only for the CPU platform; `sdjax.conv.conv2d` reaches this module
-through `lax.platform_dependent`, so programs lowered for GPU/TPU never contain them.
+The custom calls exist only for the CPU platform and only in programs that run here: a pass
+lowers to the stock XLA convolution on any other platform and in programs lowered for
+`jax.export` (for any platforms, CPU included), since custom calls have no compatibility
+guarantee. `sdjax.conv.conv2d` reaches this module through `lax.platform_dependent`.
 """
 
 from __future__ import annotations
@@ -359,8 +363,11 @@ def impl_info(
       x_shape, kernel_shape, strides, pads, feature_group_count: as for `conv2d`.
       dtype: float32 or bfloat16.
 
+    A batch of 0 is queried as a batch of 1 (`conv2d` makes no oneDNN call for empty operands).
+
     Raises:
-      ValueError: bad ``kind`` or ``dtype``.
+      ValueError: bad ``kind`` or ``dtype``, or a case that is no convolution (shapes, strides,
+        padding or ``feature_group_count`` out of range or inconsistent), checked before C.
       RuntimeError: the handlers are unavailable, or oneDNN has no implementation for the case.
     """
     kinds = {"fwd": _FWD, "bwd_data": _BWD_DATA, "bwd_weights": _BWD_WEIGHTS}

@@ -122,9 +122,8 @@ def _compile_command(output: Path, dnnl: _Dnnl) -> list[str]:
     command = [*_compiler(), "-O2", "-fPIC", "-shared", "-std=c++17", "-fopenmp", "-w"]
     command += [f"-I{jax.ffi.include_dir()}", f"-I{dnnl.prefix / 'include'}"]
     if dnnl.prefix not in (Path("/usr"), Path("/usr/local")):
-        for lib in ("lib", "lib64"):
-            if (dnnl.prefix / lib).is_dir():
-                command += [f"-L{dnnl.prefix / lib}", f"-Wl,-rpath,{dnnl.prefix / lib}"]
+        lib_dir = dnnl.library.parent if dnnl.library is not None else dnnl.prefix / "lib"
+        command += [f"-L{lib_dir}", f"-Wl,-rpath,{lib_dir}"]
     # -z defs: an unresolved symbol fails the link here instead of the load later.
     command += [str(SOURCE), "-o", str(output), "-Wl,-z,defs", "-ldnnl"]
     return command
