@@ -105,30 +105,42 @@ class SubsetDrawTest(chex.TestCase, parameterized.TestCase):
 
     @parameterized.parameters(1, 2)
     def test_inclusion_frequency_is_k_over_batch(self, shards):
-        batch, k, draws = 16, 5, 4000
+        """40,000 draws of k = 5 per shard: every sample's inclusion frequency is within 5
+        standard errors of k / local (0.012 for 16 samples), and a chi-square test of the
+        per-sample counts finds no preference (a draw that keeps sample 0 more often than
+        sample 15, e.g. top-k of coarse random bits with ties to the lower index, fails)."""
+        from scipy import stats
+
+        batch, k, draws = 16, 5, 40_000
         local = batch // shards
         keys = jax.random.split(_key(5), draws)
-        keep = jax.vmap(lambda key: ops.subset_keep(key, batch, k, num_shards=shards))(keys)
+        keep = jax.jit(jax.vmap(lambda key: ops.subset_keep(key, batch, k, num_shards=shards)))(
+            keys
+        )
         keep = np.asarray(keep).reshape(draws, shards, local)
         self.assertTrue((keep.sum(axis=2) == k).all())  # exactly k per shard, every draw
         p = k / local
         freq = keep.mean(axis=0)
         bound = 5.0 * np.sqrt(p * (1 - p) / draws)
         self.assertLess(np.abs(freq - p).max(), bound)
+        for counts in keep.sum(axis=0):  # per shard; each count is Binomial(draws, p)
+            self.assertGreater(stats.chisquare(counts).pvalue, 1e-3)
         if shards == 2:  # the shards draw different subsets
             self.assertGreater(np.mean(np.any(keep[:, 0] != keep[:, 1], axis=1)), 0.5)
 
 
 class RowSubsetResidualTest(chex.TestCase, parameterized.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
-    @parameterized.parameters((True, 1), (False, 2))
+    @parameterized.parameters((True, 1), (False, 1), (True, 2), (False, 2))
     def test_equals_masked_computation_values_and_gradients(self, scale_by_keep, shards):
+        """Rate 0.6 on 8 samples: k = round(0.4 * L) kept per shard of L, scaled by L / k (by
+        hand: 8 / 3 on one shard, 4 / 2 on two) with ``scale_by_keep``, by 1 without."""
         x, shortcut = _inputs()
         rate, key = 0.6, _key(3)
-        local = 8 // shards
-        k = ops.subset_size(local, rate)
+        k, scale = {1: (3, 8 / 3), 2: (2, 2.0)}[shards]
+        self.assertEqual(ops.subset_size(8 // shards, rate), k)
         keep = ops.subset_keep(key, 8, k, num_shards=shards)[:, None]
-        scale = local / k if scale_by_keep else 1.0
+        scale = scale if scale_by_keep else 1.0
 
         def masked(w, x, shortcut):
             return shortcut + jnp.where(keep, per_sample_branch(w, x) * scale, 0.0)
@@ -429,15 +441,20 @@ SHARDED_SCRIPT = textwrap.dedent(
 )
 
 
-def test_sharded_batch_has_no_collectives():
-    """Two CPU devices in a fresh process: shard-local gather/scatter, different subsets."""
-    env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    result = subprocess.run(
-        [sys.executable, "-c", SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "OK" in result.stdout
+class ShardedBatchTest(absltest.TestCase):
+    def test_sharded_batch_has_no_collectives(self):
+        """Two CPU devices in a fresh process: shard-local gather/scatter, different subsets."""
+        env = dict(os.environ, JAX_NUM_CPU_DEVICES="2", JAX_PLATFORMS="cpu")
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+        result = subprocess.run(
+            [sys.executable, "-c", SHARDED_SCRIPT],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
+        self.assertIn("OK", result.stdout)
 
 
 if __name__ == "__main__":
