@@ -5,8 +5,10 @@ What agrees, precisely (tested here):
 * The drop gates: the whole loop on 1 and on 8 devices draws the same batch-mode gates at every
   step (``train_blocks_run`` equal at each of the steps), and the first step's loss agrees
   within float tolerance (rtol 1e-5).
-* Each train step, started from the same state, in row and in batch mode at rate 0.5: loss and
-  accuracy, and the whole new state within float tolerance.
+* Each train step, started from the same state, in row and in batch mode at rate 0.5: loss
+  (rtol 1e-5) and accuracy, and each part of the new state within 2% of its norm
+  (:func:`worst_part_difference` says why not per element); another key's gates and masks fail
+  both.
 * Per-sample masks of the layers are independent across shards (each shard draws its own rows,
   the sharded mask equals the unsharded one), and the batch-mode gate is the same on every
   device, including the skipped branch of ``DropPathResidual`` (``nn.cond``) and its
@@ -85,10 +87,45 @@ def steps_from_the_same_state() -> None:
             (one, m1), (eight, m8) = out[1], out[8]
             np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5)
             assert float(m8["accuracy"]) == float(m1["accuracy"]), (mode, s)
-            for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight), strict=True):
-                np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-6)
+            assert worst_part_difference(one, eight) < STATE_RTOL, (mode, s)
+            if s == 0:  # the same comparison must fail for another draw of the gates / masks
+                rep, sharded, fn = fns[8]
+                global_batch = {k: jax.device_put(v, sharded) for k, v in batch.items()}
+                other, m_other = fn(jax.device_put(state, rep), global_batch, jax.random.key(1))
+                assert float(m_other["loss"]) != pytest.approx(float(m1["loss"]), rel=1e-5)
+                assert worst_part_difference(one, other) > 10 * STATE_RTOL, mode
             state = one
     print("OK")
+
+
+STATE_RTOL = 2e-2
+
+
+def worst_part_difference(a, b) -> float:
+    """max over the train state's parts (params, batch_stats, opt_state) of ``||a - b|| / ||a||``.
+
+    Why per part, not per element or leaf: the train step is not continuous everywhere. A
+    pre-activation within float rounding of ReLU's kink adds or drops one gradient term, so
+    1e-7 relative changes of the inputs can move one small leaf by percents. Measured on an AMD
+    AVX-512 host at XLA's optimization level 0, row mode, step 5: the 8-device step moved the
+    momentum of a BatchNorm bias (8 values) by 1.8% while the loss agreed to 2e-7, and so did a
+    1e-7 relative perturbation of the state on ONE device (1 trial of 4; the others: 5e-7). So
+    the 1-vs-8 difference is reduction order meeting a kink, not a wrong gate or mask. Over a
+    whole part such a jump is at most 2.2e-3 here; another draw of the gates or masks moves
+    ``opt_state`` by about 1 (checked at step 0).
+    """
+    import jax  # noqa: PLC0415
+
+    sums: dict[str, list[float]] = {}
+    flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    for (path, x), y in zip(flat_a, jax.tree.leaves(b), strict=True):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        if x.dtype.kind != "f":
+            continue
+        part = sums.setdefault(jax.tree_util.keystr(path[:1]), [0.0, 0.0])
+        part[0] += float(np.sum((x - y) ** 2))
+        part[1] += float(np.sum(x**2))
+    return max(np.sqrt(d / n) if n > 0 else np.sqrt(d) for d, n in sums.values())
 
 
 def layer_masks() -> None:
