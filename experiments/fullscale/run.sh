@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The paper's full-scale CIFAR-10 experiment in one command (see README.md):
+#   bash experiments/fullscale/run.sh /path/to/cifar10.npz [--seeds=0,1,2] [--out=DIR] ...
+# Pure-Python wheels in experiments/fullscale/wheels/ (e.g. ml_collections) are put on the path
+# as zip archives: nothing is installed and no network is used.
+set -euo pipefail
+if [ $# -lt 1 ]; then
+  echo "usage: bash experiments/fullscale/run.sh CIFAR10_NPZ [run.py options]" >&2
+  exit 2
+fi
+npz="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
+shift
+cd "$(dirname "$0")/../.."
+for wheel in experiments/fullscale/wheels/*.whl; do
+  [ -e "$wheel" ] && PYTHONPATH="$PWD/$wheel${PYTHONPATH:+:$PYTHONPATH}"
+done
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+exec python -m experiments.fullscale.run --npz="$npz" "$@"
