@@ -427,16 +427,34 @@ def test_row_subset_trains_and_scan_equals_unrolled_at_a_uniform_rate(cifar_vari
     assert not np.allclose(other_logits, logits, atol=1e-3)
 
 
+@functools.cache
+def _no_drop_eval():
+    """Eval of the unrolled ResNet-20 without stochastic depth (final_drop_rate 0)."""
+    return eval_apply(models.create("cifar_resnet20", final_drop_rate=0.0, scan_blocks=False))
+
+
 @pytest.mark.parametrize("scale_by_keep", [False, True])
-def test_row_subset_eval_is_the_masked_row_eval(cifar_variables, scale_by_keep):
+@pytest.mark.parametrize("mode", ["row", "row_subset"])
+def test_row_and_row_subset_eval_scale_each_branch_by_its_keep_rate(cifar_variables, mode, scale_by_keep):
+    """Eval of ResNet-20 (linear decay to 0.5: block l = 1..9 has rate 0.5 * l / 9), in row and
+    row-subset mode, against a second computation: the network without stochastic depth whose
+    branches end in a BatchNorm with scale and bias times ``1 - 0.5 * l / 9`` (the paper's eval
+    scaling, ``scale_by_keep=False``) or unchanged (``scale_by_keep=True``)."""
     variables, x = cifar_variables
-    outs = [
-        eval_apply(models.create("cifar_resnet20", drop_mode=mode, scale_by_keep=scale_by_keep))(
-            variables, x
-        )
-        for mode in ("row", "row_subset")
-    ]
-    np.testing.assert_array_equal(outs[0], outs[1])
+    unrolled = models.scan_to_unrolled(variables)
+    scaled = jax.tree_util.tree_map(lambda a: a, unrolled)  # a copy of the nested dicts
+    names = [f"stage{s}_block{b}" for s in (1, 2, 3) for b in range(3)]
+    assert sorted(names) == sorted(n for n in unrolled["params"] if "_block" in n)
+    for layer, name in enumerate(names, start=1):
+        keep = 1.0 if scale_by_keep else 1.0 - 0.5 * layer / 9
+        bn2 = scaled["params"][name]["residual"]["branch"]["bn2"]
+        bn2["scale"], bn2["bias"] = bn2["scale"] * keep, bn2["bias"] * keep
+    expected = _no_drop_eval()(scaled, x)
+    model = models.create("cifar_resnet20", drop_mode=mode, scale_by_keep=scale_by_keep)
+    out = eval_apply(model)(variables, x)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    if not scale_by_keep:  # the scaling is visible in the logits
+        assert max_abs_diff(out, _no_drop_eval()(unrolled, x)) > 1e-2
 
 
 @pytest.mark.parametrize(
