@@ -1,8 +1,10 @@
 """Tests of the command line: python -m sdjax.main with arg strings, overrides and errors."""
 
+import csv
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -30,8 +32,10 @@ def _main(*args, timeout=600):
 def test_cli_trains_with_arg_string_and_overrides_then_resumes_on_two_devices(tmp_path):
     """A run on one CPU device, then the same workdir resumed on two
     (``train.num_cpu_devices=2``: ``sdjax.runtime.setup`` splits the CPU in the fresh process
-    and the batch is sharded over both) with more steps. That data-parallel losses equal one
-    device's is tested in ``test_multihost.py`` (two hosts vs one) and ``test_multidevice.py``."""
+    and the batch is sharded over both) with more steps. The two-device resume restored the
+    step-4 weights: its losses equal those of a copy of the workdir resumed on one device (that
+    data-parallel losses equal one device's is tested in ``test_multihost.py`` and
+    ``test_multidevice.py``)."""
     workdir = tmp_path / "run"
     args = [f"{TINY}:steps=4,final_drop_rate=0.3", f"--workdir={workdir}"]
     proc = _main(*args, "--config.model.scan_blocks=False")
@@ -43,20 +47,24 @@ def test_cli_trains_with_arg_string_and_overrides_then_resumes_on_two_devices(tm
     assert results["config"]["model"]["scan_blocks"] is False
     assert results["devices"]["device_count"] == 1
     assert results["host_malloc_applied"] in (True, False)  # runtime.setup ran
+    one_device = tmp_path / "one_device"
+    shutil.copytree(workdir, one_device)
     # More steps change the trajectory (the schedule): accepted with the override, and the
     # rerun resumes from the checkpoint at step 4 (a restart would log steps 2, 3, 4 again).
-    proc = _main(
-        args[0].replace("steps=4", "steps=6"),
-        args[1],
-        "--config.model.scan_blocks=False",
-        "--config.train.num_cpu_devices=2",
-        "--config.train.allow_config_change=True",
-    )
+    longer = [args[0].replace("steps=4", "steps=6"), "--config.model.scan_blocks=False",
+              "--config.train.allow_config_change=True"]  # fmt: skip
+    proc = _main(*longer, args[1], "--config.train.num_cpu_devices=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "train_loss" in r] == [2, 3, 4, 6]  # no step twice
     results = json.loads((workdir / "results.json").read_text())
     assert results["steps"] == 6 and results["devices"]["device_count"] == 2
+    proc = _main(*longer, f"--workdir={one_device}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = json.loads((one_device / "results.json").read_text())
+    assert expected["devices"]["device_count"] == 1
+    for key in ("final_train_loss", "test_loss"):
+        assert results[key] == pytest.approx(expected[key], rel=1e-4), key
 
 
 @pytest.fixture
@@ -106,26 +114,51 @@ def test_cli_errors_are_one_line_and_leave_the_workdir_alone(
 
 
 def test_sweep_commands_and_aggregate(tmp_path):
+    """The grid's commands, then the tables of four hand-written results: every row holds its
+    run's config values and metrics (literals), in the files' row order."""
     sys.path.insert(0, str(REPO / "experiments"))
     import sweep  # noqa: PLC0415
 
     grid = sweep.parse_grid(["model.final_drop_rate=0,0.5", "seed=0,1"])
     runs = sweep.commands("configs/digits_sd.py", str(tmp_path), grid, ["--config.x=1"])
-    assert len(runs) == 4
-    workdir, argv = runs[1]
-    assert workdir.endswith("final_drop_rate=0_seed=1")
-    assert "--config.model.final_drop_rate=0" in argv and "--config.seed=1" in argv
-    for i, (workdir, _) in enumerate(runs):
+    names = ["final_drop_rate=0_seed=0", "final_drop_rate=0_seed=1",
+             "final_drop_rate=0.5_seed=0", "final_drop_rate=0.5_seed=1"]  # fmt: skip
+    assert [w for w, _ in runs] == [str(tmp_path / n) for n in names]
+    assert runs[1][1] == [
+        sys.executable, "-m", "sdjax.main", "--config=configs/digits_sd.py",
+        f"--workdir={tmp_path / names[1]}", "--config.model.final_drop_rate=0", "--config.seed=1",
+        "--config.x=1",
+    ]  # fmt: skip
+    errors = {names[0]: 0.25, names[1]: 0.125, names[2]: 0.5, names[3]: 0.375}
+    for workdir, argv in runs:
+        rate, seed = float(argv[5].split("=")[1]), int(argv[6].split("=")[1])
         os.makedirs(workdir)
-        result = {
-            "test_error": 0.1 * i,
-            "test_accuracy": 1 - 0.1 * i,
-            "steps": 5,
-            "config": {"seed": i % 2, "model": {"final_drop_rate": 0.5 * (i // 2)}},
-        }
-        json.dump(result, open(os.path.join(workdir, "results.json"), "w"))
+        error = errors[pathlib.Path(workdir).name]
+        result = {"test_error": error, "test_accuracy": 1 - error, "steps": 5,
+                  "config": {"seed": seed, "model": {"final_drop_rate": rate, "depth": 20}}}  # fmt: skip
+        pathlib.Path(workdir, "results.json").write_text(json.dumps(result))
     rows = sweep.aggregate(str(tmp_path))
-    assert len(rows) == 4
-    table = open(tmp_path / "results.md").read()
-    assert "model.final_drop_rate" in table and "seed" in table
-    assert (tmp_path / "results.csv").exists() and (tmp_path / "results.png").stat().st_size > 0
+    assert [r["run"] for r in rows] == sorted(names)  # '.' sorts before '_'
+    assert [r["test_error"] for r in rows] == [0.5, 0.375, 0.25, 0.125]
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert table == [
+        "| run | model.final_drop_rate | seed | test_error | test_accuracy | "
+        "test_error_at_best_val | train_time_s | steps |",
+        "|---|---|---|---|---|---|---|---|",
+        "| final_drop_rate=0.5_seed=0 | 0.5000 | 0 | 0.5000 | 0.5000 | None | None | 5 |",
+        "| final_drop_rate=0.5_seed=1 | 0.5000 | 1 | 0.3750 | 0.6250 | None | None | 5 |",
+        "| final_drop_rate=0_seed=0 | 0.0000 | 0 | 0.2500 | 0.7500 | None | None | 5 |",
+        "| final_drop_rate=0_seed=1 | 0.0000 | 1 | 0.1250 | 0.8750 | None | None | 5 |",
+    ]  # model.depth is the same in every run: no column
+    with open(tmp_path / "results.csv", newline="") as f:
+        csv_rows = list(csv.reader(f))
+    assert csv_rows[0] == table[0].strip("| ").split(" | ")
+    assert [
+        (r[0], float(r[1]), int(r[2]), float(r[3]), float(r[4]), r[7]) for r in csv_rows[1:]
+    ] == [
+        ("final_drop_rate=0.5_seed=0", 0.5, 0, 0.5, 0.5, "5"),
+        ("final_drop_rate=0.5_seed=1", 0.5, 1, 0.375, 0.625, "5"),
+        ("final_drop_rate=0_seed=0", 0.0, 0, 0.25, 0.75, "5"),
+        ("final_drop_rate=0_seed=1", 0.0, 1, 0.125, 0.875, "5"),
+    ]
+    assert (tmp_path / "results.png").stat().st_size > 0
