@@ -59,7 +59,7 @@ _TRAIN_CHILD = textwrap.dedent(
     labels = jnp.array([1, 7])
     if sys.argv[1] == "model":
         model = models.create("cifar_resnet20", conv_impl="auto")
-        variables = model.init(jax.random.key(1), x)
+        variables = jax.jit(model.init)(jax.random.key(1), x)
         params = variables["params"]
 
         def logits_of(params):
