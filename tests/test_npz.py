@@ -93,8 +93,9 @@ def test_export_writes_the_tfds_arrays(tfds_data_dir, tmp_path):
         npz_export.export("digits", str(out))
 
 
-# A child process in which tensorflow, tensorflow_datasets and clu cannot be imported, as on the
-# full-scale host: it runs `python -m sdjax.main` on an npz, then checks what was imported.
+# A child process that runs `python -m sdjax.main` on an npz and prints what was imported; with
+# "hide", tensorflow, tensorflow_datasets and clu cannot be imported (the full-scale host), else
+# they are installed but must not be imported.
 _CHILD = """
 import importlib.abc, json, runpy, sys
 
@@ -117,8 +118,9 @@ class Hide(importlib.abc.MetaPathFinder):
         for finder in self.finders:
             getattr(finder, "invalidate_caches", lambda: None)()
 
-sys.meta_path[:] = [Hide(list(sys.meta_path))]
-sys.argv = ["sdjax.main", *sys.argv[1:]]
+if sys.argv[1] == "hide":
+    sys.meta_path[:] = [Hide(list(sys.meta_path))]
+sys.argv = ["sdjax.main", *sys.argv[2:]]
 try:
     runpy.run_module("sdjax.main", run_name="__main__")
 except SystemExit as e:
@@ -128,7 +130,8 @@ print("MODULES " + json.dumps(top))
 """
 
 
-def test_a_run_on_npz_imports_no_tensorflow_tfds_or_clu(tmp_path):
+@pytest.mark.parametrize("hide", ["hide", "installed"])
+def test_a_run_on_npz_imports_no_tensorflow_tfds_or_clu(tmp_path, hide):
     train, test = _arrays(num_train=200, num_test=100)
     path = tmp_path / "c10.npz"
     npz.write(str(path), train, test, dataset="cifar10", num_classes=10)
@@ -141,6 +144,7 @@ def test_a_run_on_npz_imports_no_tensorflow_tfds_or_clu(tmp_path):
         sys.executable,
         "-c",
         _CHILD,
+        hide,
         f"--config={REPO / 'configs' / 'cifar10_sd.py'}:{arg}",
         f"--workdir={workdir}",
         "--config.train.eval_batch_size=100",
