@@ -27,6 +27,7 @@ import ml_collections
 
 __all__ = [
     "ALIASES",
+    "ADDED_FIELDS",
     "HARMLESS_FIELDS",
     "LR_SCHEDULES",
     "NORMALIZATIONS",
@@ -99,6 +100,17 @@ def apply_recipe(config: ml_collections.ConfigDict, recipe: str) -> ml_collectio
         node[leaf] = value
     return config
 
+
+ADDED_FIELDS = {
+    "input.normalization": "per_channel",
+    "input.drop_remainder": True,
+    "model.conv_padding": "same",
+    "model.conv_init": "he_fan_out",
+    "model.head_init": "lecun_normal",
+    "model.bn_scale_init": "ones",
+}
+"""Fields added with the paper's recipe, and what a saved config written before them trained
+with: a checkpoint whose config lacks one resumes when the current value is this one."""
 
 HARMLESS_FIELDS = (
     "input.data_dir",

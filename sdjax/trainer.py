@@ -176,6 +176,23 @@ def changed_fields(saved: dict[str, Any], current: dict[str, Any], prefix: str =
     return out
 
 
+def trajectory_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The fields of :func:`changed_fields` that change what is trained.
+
+    Leaves out ``sdjax.config.HARMLESS_FIELDS``, and a field of ``sdjax.config.ADDED_FIELDS``
+    that the saved config lacks while the current one holds the value it implied.
+    """
+    out = []
+    for field in changed_fields(saved, current):
+        if field in config_lib.HARMLESS_FIELDS:
+            continue
+        implied = config_lib.ADDED_FIELDS.get(field, "<none>")
+        if _lookup(saved, field) == "<absent>" and _lookup(current, field) == implied:
+            continue
+        out.append(field)
+    return out
+
+
 def _check_checkpoint(config, checkpointer, abstract_state, total_steps) -> None:
     """Compares the latest checkpoint's metadata with this run before anything is restored."""
     step = checkpointer.latest_step()
@@ -192,11 +209,7 @@ def _check_checkpoint(config, checkpointer, abstract_state, total_steps) -> None
     saved = meta.get("config")
     if saved is None or config.train.allow_config_change:
         return
-    changed = [
-        f
-        for f in changed_fields(saved, _json(config.to_dict()))
-        if f not in config_lib.HARMLESS_FIELDS
-    ]
+    changed = trajectory_changes(saved, _json(config.to_dict()))
     if changed:
         details = ", ".join(
             f"{f}: {_lookup(saved, f)!r} -> {_lookup(_json(config.to_dict()), f)!r}"

@@ -299,3 +299,23 @@ def test_tiny_run_of_the_paper_recipe_writes_best_validation_and_last_epoch_erro
     assert results["test_error"] == pytest.approx(1 - evals[-1]["test_accuracy"])
     rates = {r["step"]: r["learning_rate"] for r in records if "learning_rate" in r}
     assert rates[3] == pytest.approx(0.1) and rates[9] == pytest.approx(0.001)
+
+
+def test_checkpoints_written_before_the_new_fields_resume_with_their_old_values():
+    from sdjax import trainer
+
+    current = config_lib.apply_recipe(load("cifar10_sd"), "sdjax").to_dict()
+    saved = json.loads(json.dumps(current, default=str))
+    for path in config_lib.ADDED_FIELDS:
+        section, leaf = path.split(".")
+        del saved[section][leaf]
+    del saved["input"]["npz_path"], saved["train"]["tensorboard"]  # harmless fields
+    current = json.loads(json.dumps(current, default=str))
+    assert trainer.trajectory_changes(saved, current) == []
+    paper = json.loads(json.dumps(load("cifar10_sd").to_dict(), default=str))
+    changes = trainer.trajectory_changes(saved, paper)
+    assert set(changes) == {
+        *config_lib.ADDED_FIELDS,
+        "input.validation_size",
+        "optim.lr_schedule",
+    }

@@ -193,7 +193,7 @@ def normalization_stats(images: np.ndarray, normalization: str = "per_channel"):
         ``cifar-dataset.lua``), a tuple of length 1.
 
     Returns:
-      ``(mean, std)`` for :func:`sdjax.data.augment.normalize`.
+      ``(mean, std)`` for :func:`sdjax.data.augment.normalize` (0 and 1 for no images).
 
     Raises:
       ValueError: an unknown ``normalization``.
@@ -203,6 +203,10 @@ def normalization_stats(images: np.ndarray, normalization: str = "per_channel"):
             f"config.input.normalization={normalization!r} is invalid; allowed: one of "
             "['per_channel', 'pixel_mean_global_std']."
         )
+    if len(images) == 0:  # nothing left to train on: the trainer's checks say so
+        if normalization == "per_channel":
+            return (0.0,) * images.shape[-1], (1.0,) * images.shape[-1]
+        return np.zeros(images.shape[1:], np.float32), (1.0,)
     total = np.zeros(images.shape[1:], np.float64)
     for start in range(0, len(images), 1000):
         total += images[start : start + 1000].sum(0, dtype=np.float64)
