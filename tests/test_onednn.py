@@ -213,3 +213,20 @@ def test_two_cpu_devices_call_onednn_per_shard_without_gather():
         check=False,
     )
     assert result.returncode == 0 and "SHARDED_OK" in result.stdout, result.stderr[-4000:]
+
+
+def test_eager_calls_outside_jit_match_lax():
+    """``model.init`` / ``apply`` outside ``jax.jit`` (as the README's example runs) work."""
+    x, kernel = _inputs(0, (2, 9, 9, 3), (3, 3, 3, 4))
+    got = onednn.conv2d(x, kernel, (2, 2), ((1, 1), (1, 1)), 1)  # no jit around it
+    want = lax.conv_general_dilated(
+        x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    _assert_close(got, want)
+    grad = jax.grad(lambda k: onednn.conv2d(x, k, (1, 1), ((1, 1), (1, 1)), 1).sum())(kernel)
+    want_grad = jax.grad(
+        lambda k: lax.conv_general_dilated(
+            x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+        ).sum()
+    )(kernel)
+    _assert_close(grad, want_grad)

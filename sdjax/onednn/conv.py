@@ -162,6 +162,12 @@ def _pass_cpu_lowering(ctx, a, b, *, kind, params, out_shape, out_dtype, num_thr
     return rule(ctx, a, b, **_attrs(strides, pads, groups, num_threads))
 
 
+def _pass_eager(a, b, **params):
+    """Eager evaluation (e.g. ``model.init`` outside ``jax.jit``): the pass, compiled alone."""
+    return jax.jit(functools.partial(_pass_p.bind, **params))(a, b)
+
+
+_pass_p.def_impl(_pass_eager)
 _pass_p.def_abstract_eval(_pass_abstract_eval)
 mlir.register_lowering(_pass_p, _pass_xla_lowering)
 mlir.register_lowering(_pass_p, _pass_cpu_lowering, platform="cpu")
