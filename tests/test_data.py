@@ -30,10 +30,15 @@ def test_epoch_permutation_is_pure_function_of_seed_and_epoch():
 
 
 def test_batch_indices_follow_the_epoch_permutation():
+    """Epoch e's order is NumPy's ``default_rng([seed, e]).permutation`` (what the PyTorch
+    reference draws too); step s reads batch s mod 10 of epoch s // 10."""
     n, bs = 103, 10  # 10 steps per epoch, 3 examples unused per epoch
+    np.testing.assert_array_equal(
+        data_lib.epoch_permutation(0, 2, n), np.random.default_rng([0, 2]).permutation(n)
+    )
     for step in (0, 9, 10, 25):
         epoch, i = divmod(step, 10)
-        expected = data_lib.epoch_permutation(0, epoch, n)[i * bs : (i + 1) * bs]
+        expected = np.random.default_rng([0, epoch]).permutation(n)[i * bs : (i + 1) * bs]
         np.testing.assert_array_equal(data_lib.batch_indices(0, step, bs, n), expected)
     epoch0 = np.concatenate([data_lib.batch_indices(0, s, bs, n) for s in range(10)])
     assert len(set(epoch0.tolist())) == 100  # no repeats within an epoch

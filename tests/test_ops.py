@@ -83,6 +83,18 @@ class BernoulliKeepTest(parameterized.TestCase):
         self.assertEqual(gate.shape, ())
         self.assertEqual(gate.dtype, jnp.bool_)
 
+    @parameterized.parameters(0.1, 0.5, 0.9)
+    def test_batch_keep_frequency_binomial_bound(self, rate):
+        """200,000 keys: the gate keeps with probability 1 - rate within 5 standard errors
+        (0.0056 at rate 0.5), for a static and a traced rate."""
+        n = 200_000
+        keys = jax.random.split(_key(11), n)
+        static = jax.jit(jax.vmap(lambda k: ops.batch_keep(k, rate)))(keys)
+        traced = jax.jit(jax.vmap(ops.batch_keep, in_axes=(0, None)))(keys, jnp.float32(rate))
+        sigma = np.sqrt(rate * (1 - rate) / n)
+        for gates in (static, traced):
+            self.assertLess(abs(float(gates.mean()) - (1 - rate)), NUM_SIGMAS * sigma)
+
 
 class DropPathTest(chex.TestCase, parameterized.TestCase):
     @chex.variants(with_jit=True, without_jit=True)
