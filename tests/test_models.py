@@ -435,7 +435,9 @@ def _no_drop_eval():
 
 @pytest.mark.parametrize("scale_by_keep", [False, True])
 @pytest.mark.parametrize("mode", ["row", "row_subset"])
-def test_row_and_row_subset_eval_scale_each_branch_by_its_keep_rate(cifar_variables, mode, scale_by_keep):
+def test_row_and_row_subset_eval_scale_each_branch_by_its_keep_rate(
+    cifar_variables, mode, scale_by_keep
+):
     """Eval of ResNet-20 (linear decay to 0.5: block l = 1..9 has rate 0.5 * l / 9), in row and
     row-subset mode, against a second computation: the network without stochastic depth whose
     branches end in a BatchNorm with scale and bias times ``1 - 0.5 * l / 9`` (the paper's eval
