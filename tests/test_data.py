@@ -60,9 +60,20 @@ def test_digits_split_is_fixed_stratified_and_hosts_read_their_slices():
     np.testing.assert_array_equal(next(it)["label"], ds.train_batch(5, 31, 64)["label"])
 
 
+def _rows(images, labels):
+    """Each example as one byte string (image and label), sorted: a multiset to compare."""
+    flat = np.concatenate([images.reshape(len(images), -1).view(np.uint8),
+                           labels.astype(np.int64).reshape(-1, 1).view(np.uint8)], axis=1)  # fmt: skip
+    return sorted(row.tobytes() for row in flat)
+
+
 def test_validation_split_and_eval_batches_cover_every_example_once():
+    """The validation part and the remaining training part partition the training split (as
+    multisets of examples: no example in both, none lost); eval batches cover the test split."""
     ds = data_lib.create(_input(validation_size=100))
     assert len(ds.val[1]) == 100 and len(ds.train[1]) == 1337
+    full = data_lib.create(_input())
+    assert _rows(*full.train) == sorted(_rows(*ds.train) + _rows(*ds.val))
     batches = list(ds.eval_batches("test", 128))
     assert [len(b["label"]) for b in batches] == [128, 128, 128]
     assert sum(int(b["mask"].sum()) for b in batches) == 360
