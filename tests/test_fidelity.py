@@ -366,14 +366,14 @@ def test_cifar_and_digits_recipes_match_sdjax_configs(dataset, config_file):
     assert recipe.eval_batch_size == config.train.eval_batch_size
     assert recipe.crop_padding == config.input.augment.crop_padding
     assert recipe.flip == config.input.augment.flip
-    assert recipe.warmup_epochs == config.optim.warmup_epochs and config.optim.warmup_steps == 0
-    assert config.input.normalize and config.input.validation_size == 0
+    assert (recipe.warmup_epochs, 0) == (config.optim.warmup_epochs, config.optim.warmup_steps)
+    assert (config.input.normalize, config.input.validation_size) == (True, 0)
     o = config.optim
     assert (o.optimizer, o.learning_rate, o.momentum, o.nesterov) == ("sgd", 0.1, 0.9, True)
     assert (o.weight_decay, o.weight_decay_on, o.lr_schedule) == (1e-4, "all", "step")
     assert tuple(o.boundaries) == (0.5, 0.75) and o.decay_factor == 0.1
     assert o.label_smoothing == 0.0 and o.ema_decay == 0.0
-    assert config.train.drop_warmup_fraction == 0.0 and not config.train.half_precision
+    assert (config.train.drop_warmup_fraction, config.train.half_precision) == (0.0, False)
     assert config.model.scale_by_keep is False and config.model.drop_mode == "batch"
 
 
