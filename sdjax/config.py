@@ -104,6 +104,7 @@ def apply_recipe(config: ml_collections.ConfigDict, recipe: str) -> ml_collectio
 ADDED_FIELDS = {
     "input.normalization": "per_channel",
     "input.drop_remainder": True,
+    "input.train_size": 0,
     "model.conv_padding": "same",
     "model.conv_init": "he_fan_out",
     "model.head_init": "lecun_normal",
@@ -157,6 +158,10 @@ def default_config() -> ml_collections.ConfigDict:
       input.validation_size: number of training examples held out (the last ones of a fixed
         permutation seeded with ``split_seed``) for validation; 0 = no validation split. The
         paper's code: 5000 of CIFAR's 50k (the rest, 45k, trains).
+      input.train_size: train on this many of the examples left after the validation hold-out
+        (the first ones of the same permutation: a random subset fixed by ``split_seed``, the
+        same for every ``seed``); 0 = all of them. The normalisation statistics come from this
+        subset; the validation and test sets are unchanged.
       input.augment.crop_padding: zero padding (after normalisation) before the random crop.
       input.augment.flip: random horizontal flips.
       input.normalize: normalise the images (statistics of the training part, after the
@@ -224,6 +229,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.input.test_split = "test"
     c.input.use_extra = False
     c.input.validation_size = 0
+    c.input.train_size = 0
     c.input.augment = ml_collections.ConfigDict({"crop_padding": 4, "flip": True})
     c.input.normalize = True
     c.input.normalization = "per_channel"
@@ -289,6 +295,7 @@ ALIASES = {
     "data_dir": "input.data_dir",
     "npz_path": "input.npz_path",
     "validation_size": "input.validation_size",
+    "train_size": "input.train_size",
     "lr": "optim.learning_rate",
     "batch_size": "train.batch_size",
     "epochs": "train.num_epochs",
@@ -454,6 +461,7 @@ def validate_fields(config: ml_collections.ConfigDict) -> None:
         _fail("model.name", config.model.get("name"), "a model name (sdjax.models.names())")
 
     _check_number(config, "input.validation_size", low=0, integer=True)
+    _check_number(config, "input.train_size", low=0, integer=True)
     _check_number(config, "input.augment.crop_padding", low=0, integer=True)
     _check_choice(config, "input.normalization", NORMALIZATIONS)
     if not isinstance(config.input.drop_remainder, bool):

@@ -132,7 +132,15 @@ def _check_data(config: ml_collections.ConfigDict, info: Any, devices: int | Non
             f"at most {info.num_train - config.train.batch_size} so that one training batch of "
             f"{config.train.batch_size} remains ({info.num_train} train examples)."
         )
-    remainder = (info.num_train - config.input.validation_size) % config.train.batch_size
+    train_size = int(config.input.get("train_size", 0))
+    available = info.num_train - config.input.validation_size
+    if train_size and not config.train.batch_size <= train_size <= available:
+        raise ValueError(
+            f"config.input.train_size={train_size!r} is invalid; allowed: 0 (all) or "
+            f"{config.train.batch_size} (one batch) ... {available} (the examples left after "
+            f"the validation hold-out of {config.input.validation_size})."
+        )
+    remainder = (train_size or available) % config.train.batch_size
     if not config.input.get("drop_remainder", True) and remainder % devices:
         raise ValueError(
             f"config.input.drop_remainder=False is invalid here: each epoch would end with a "

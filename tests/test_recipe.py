@@ -319,3 +319,34 @@ def test_checkpoints_written_before_the_new_fields_resume_with_their_old_values(
         "input.validation_size",
         "optim.lr_schedule",
     }
+
+
+def test_train_size_is_a_fixed_random_subset_of_the_part_left_after_validation(tiny_config):
+    config = tiny_config()
+    config.input.validation_size = 300
+    full = data_lib.create(config.input)
+    config.input.train_size = 256
+    subsets = []
+    for seed in (0, 1):  # the run's seed does not move the subset; split_seed does
+        config.seed = seed
+        subsets.append(data_lib.create(config.input))
+    small = subsets[0]
+    rows = {x.tobytes() for x in full.train[0]}
+    assert len(small.train[1]) == 256 and len(full.train[1]) == 1437 - 300
+    assert all(x.tobytes() in rows for x in small.train[0])  # drawn from the training part
+    np.testing.assert_array_equal(small.val[0], full.val[0])  # validation unchanged
+    np.testing.assert_array_equal(small.train[0], subsets[1].train[0])
+    assert not np.array_equal(small.train[0], full.train[0][:256])  # not the stored prefix
+    assert small.steps_per_epoch(32) == 8
+    config.input.split_seed = 1
+    assert not np.array_equal(data_lib.create(config.input).train[0], small.train[0])
+    mean, _ = pipeline.normalization_stats(small.train[0])
+    np.testing.assert_allclose(small.mean, mean)  # statistics of the subset
+
+
+def test_train_size_larger_than_the_training_part_is_refused(tiny_config, tmp_path):
+    from sdjax import train  # noqa: PLC0415
+
+    config = tiny_config("validation_size=300,train_size=1200")
+    with pytest.raises(ValueError, match=r"config.input.train_size=1200 is invalid.*1137"):
+        train.train_and_evaluate(config, str(tmp_path / "w"))

@@ -170,13 +170,17 @@ class InMemoryData:
             yield {"image": images[idx], "label": labels[idx], "mask": mask[local]}
 
 
-def _split_validation(train, validation_size: int, split_seed: int):
+def _split_validation(train, validation_size: int, split_seed: int, train_size: int = 0):
+    """``(train, val)``: the last ``validation_size`` of a permutation seeded with ``split_seed``
+    validate; the first ``train_size`` of it (0: all the rest) train. Both keep stored order."""
     images, labels = train
-    if validation_size == 0:
+    if validation_size == 0 and train_size == 0:
         empty = (images[:0], labels[:0])
         return train, empty
     order = np.random.default_rng(split_seed).permutation(len(labels))
-    keep, held = np.sort(order[:-validation_size]), np.sort(order[-validation_size:])
+    rest, held = order[: len(order) - validation_size], order[len(order) - validation_size :]
+    keep = np.sort(rest[:train_size] if train_size else rest)
+    held = np.sort(held)
     return (images[keep], labels[keep]), (images[held], labels[held])
 
 
@@ -243,7 +247,12 @@ def create(input_config: Any):
 
         return imagenet.StreamedData(input_config, info, IMAGENET_MEAN, IMAGENET_STD)
     train, test = sources.load_arrays(input_config)
-    train, val = _split_validation(train, input_config.validation_size, input_config.split_seed)
+    train, val = _split_validation(
+        train,
+        input_config.validation_size,
+        input_config.split_seed,
+        int(input_config.get("train_size", 0)),
+    )
     channels = train[0].shape[-1]
     if input_config.normalize:
         mean, std = normalization_stats(train[0], input_config.get("normalization", "per_channel"))
