@@ -6,8 +6,8 @@ batch of 64 (drop rate linear to 0.5 over the 15 blocks; a BatchNorm in the bran
 those samples) and adds ``branch * 64 / k`` to their shortcut (``scale_by_keep=True``); the other
 samples get the shortcut only. The scanned stages pad each block to the stage's largest ``k``.
 Expected: test error within noise of masked row mode at the same rates (``mode=row``);
-`experiments/row_subset_digits.py` compares the two over 5 seeds at 15 epochs, results in
-`experiments/results/row_subset_digits/`.
+`experiments/row_subset/run.py` compares the two over 5 seeds at 15 epochs, results in
+`experiments/row_subset/results/digits/`.
 
     python -m sdjax.main --config=configs/digits_row_subset.py --workdir=/tmp/sdjax_digits_rs
     python -m sdjax.main --config=configs/digits_row_subset.py:mode=row \\

@@ -1,4 +1,4 @@
-"""The train-step benchmark (`experiments/benchmark.py`, `experiments/bench/`): settings, MAC
+"""The train-step benchmark (`experiments/benchmark/benchmark.py`, `experiments/benchmark/bench/`): settings, MAC
 counts, ratios, targets and the report on fixed inputs, and one tiny run end to end.
 
 The run is the script's ``--quick`` mode (cifar_resnet20, batch 16) with one constant-depth row
@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 import sdjax.models as models
-from experiments import benchmark, common
-from experiments.bench import analysis, macs, report, settings, timing, transformer
+from experiments import common
+from experiments.benchmark import benchmark
+from experiments.benchmark.bench import analysis, macs, report, settings, timing, transformer
 
 TORCH_AVAILABLE = importlib.util.find_spec("torch") is not None
 LINEAR_110 = [0.5 * layer / 54 for layer in range(1, 55)]
@@ -374,7 +375,7 @@ def test_unrolled_rows_and_row_subset_shards_per_device():
 
 
 def test_torch_row_subset_runs_the_branch_on_k_samples(torch):
-    from experiments import torch_models  # noqa: PLC0415
+    from experiments.reference import torch_models  # noqa: PLC0415
 
     calls = []
 

@@ -10,15 +10,13 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import (
-    cifar10_short,
-    common,
-    conv_formulations,
-    digits_curves,
-    digits_depth,
-    library_path,
-    survival_sweep,
-)
+from experiments import common
+from experiments.benchmark import library_vs_trainer as library_path
+from experiments.cifar10_short import run as cifar10_short
+from experiments.convolutions import conv_formulations
+from experiments.digits_curves import run as digits_curves
+from experiments.digits_depth import run as digits_depth
+from experiments.regime import survival_sweep
 from sdjax import conv
 
 
@@ -211,7 +209,7 @@ def test_survival_sweep_commands_and_curves(tmp_path):
 def test_dropout_mlp_data_and_summary():
     import numpy as np
 
-    from experiments import dropout_mlp
+    from experiments.dropout_mlp import run as dropout_mlp
 
     a = dropout_mlp.make_data(8, 20, 0.3, seed=0)
     b = dropout_mlp.make_data(8, 20, 0.3, seed=0)
@@ -231,7 +229,7 @@ def test_conv_microbench_flops_and_smoke_run(tmp_path):
     """The FLOP count is the textbook one; a tiny run writes rows for both implementations in
     both contexts, a top-level-only PyTorch peer when PyTorch is installed, one markdown line per
     (case, context, pass), and the machine's CPU and ISA."""
-    from experiments import conv_microbench  # noqa: PLC0415
+    from experiments.convolutions import conv_microbench  # noqa: PLC0415
 
     fwd = conv_microbench._flops((128, 32, 32, 16), (3, 3, 16, 32), 2, 1, "fwd")
     assert fwd == 2 * 128 * 16 * 16 * 32 * 9 * 16
@@ -242,7 +240,9 @@ def test_conv_microbench_flops_and_smoke_run(tmp_path):
     argv = ["--quick", "--batch", "4", "--cases", "64->64", "--out_dir", str(tmp_path)]
     conv_microbench.main(argv)
     result = json.loads((tmp_path / "conv_microbench.json").read_text())
-    assert result["command"] == shlex.join(["python", "-m", "experiments.conv_microbench", *argv])
+    assert result["command"] == shlex.join(
+        ["python", "-m", "experiments.convolutions.conv_microbench", *argv]
+    )
     assert result["cpu_isa"] == common.cpu_isa() == result["provenance"]["machine"]["cpu_isa"]
     keys = {(r["context"], r["pass_"], r["impl"]) for r in result["rows"]}
     for context in ("top", "cond"):

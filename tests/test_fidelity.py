@@ -5,13 +5,11 @@ import argparse
 import numpy as np
 import pytest
 
-from experiments import (
-    fidelity_reference,
-    fidelity_regime,
-    fidelity_regime_report,
-    fidelity_stats,
-    reference_torch,
-)
+from experiments.common import stats as fidelity_stats
+from experiments.reference import compare as fidelity_reference
+from experiments.reference import train_torch as reference_torch
+from experiments.regime import report as fidelity_regime_report
+from experiments.regime import run as fidelity_regime
 
 # ---------------------------------------------------------------------------------------------
 # Intervals
@@ -291,7 +289,7 @@ def test_random_crop_pads_with_zeros_and_keeps_shape():
 
 
 def test_torch_peer_eval_scales_branch_and_init_matches_flax_dense(torch):
-    from experiments import torch_models
+    from experiments.reference import torch_models
 
     torch.manual_seed(0)
     model = torch_models.CifarResNet(20, [0.5] * 9, input_channels=1)
@@ -307,7 +305,7 @@ def test_torch_peer_eval_scales_branch_and_init_matches_flax_dense(torch):
 
 
 def test_same_pad_conv_matches_xla_same_output_size(torch):
-    from experiments import torch_models
+    from experiments.reference import torch_models
 
     conv = torch_models.SamePadConv2d(1, 1, 3, stride=2, padding=0, bias=False)
     for size in (7, 8):
@@ -316,7 +314,7 @@ def test_same_pad_conv_matches_xla_same_output_size(torch):
 
 @pytest.mark.parametrize("image_size,channels", [(8, 1), (32, 3)], ids=["digits", "cifar10"])
 def test_sdjax_and_torch_reference_agree_step_for_step(image_size, channels, torch):
-    from experiments import fidelity_equivalence
+    from experiments.reference import equivalence as fidelity_equivalence
 
     diffs = fidelity_equivalence.compare(
         depth=20, num_keys=1, batch=4 if image_size > 8 else 8, gate_draws=2000,
@@ -333,7 +331,7 @@ def test_sdjax_and_torch_reference_agree_step_for_step(image_size, channels, tor
 def test_sdjax_optimizer_and_torch_sgd_follow_the_same_trajectory(torch):
     """Several updates from the same weights: sdjax's optimizer (weight decay, Nesterov) and the
     reference's torch SGD give the same losses over the first steps."""
-    from experiments import fidelity_equivalence
+    from experiments.reference import equivalence as fidelity_equivalence
 
     losses = fidelity_equivalence.trajectory(depth=20, steps=4, batch=16, image_size=8, channels=3)
     assert len({round(v, 3) for v in losses["sdjax"]}) == 4  # the weights change every step
@@ -380,7 +378,7 @@ def test_cifar_and_digits_recipes_match_sdjax_configs(dataset, config_file):
 @pytest.mark.parametrize("dataset", ["cifar10", "digits"])
 def test_torch_batch_norm_matches_flax(dataset, torch):
     """BatchNorm: Flax momentum 0.9 / eps 1e-5 == Torch momentum 0.1 / eps 1e-5."""
-    from experiments import torch_models
+    from experiments.reference import torch_models
     from sdjax.models.cifar_resnet import CifarResNet
 
     recipe = reference_torch.RECIPES[dataset]
@@ -472,8 +470,6 @@ def test_cifar_one_step_run_writes_result(tfds_data_dir, tmp_path, torch):
 def test_cifar_mode_reuses_regime_records_and_reports_gaps(tmp_path):
     import json
 
-    from experiments import common
-
     args = argparse.Namespace(depth=20, train_size=1024, epochs=20, data_dir="/elsewhere/tfds",
                               sdjax_records=None)  # fmt: skip
     record_path = fidelity_reference.sdjax_record_path(args, "sd", 0)
@@ -501,7 +497,7 @@ def test_cifar_mode_reuses_regime_records_and_reports_gaps(tmp_path):
     assert results["pending"] == []
     sdjax = [r for r in results["runs"] if r["framework"] == "sdjax"]
     assert len(sdjax) == 4 and all(r["reused"] for r in sdjax)
-    regime = common.RESULTS_ROOT / "fidelity_regime" / "runs" / "resnet20_n1024_rate0.5" / "ep20"
+    regime = fidelity_regime.RESULTS_DIR / "runs" / "resnet20_n1024_rate0.5" / "ep20"
     for r in sdjax:
         expected = json.loads((regime / f"{r['variant']}_seed{r['seed']}.json").read_text())
         assert r["test_error"] == expected["test_error"]

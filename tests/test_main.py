@@ -116,8 +116,7 @@ def test_cli_errors_are_one_line_and_leave_the_workdir_alone(
 def test_sweep_commands_and_aggregate(tmp_path):
     """The grid's commands, then the tables of four hand-written results: every row holds its
     run's config values and metrics (literals), in the files' row order."""
-    sys.path.insert(0, str(REPO / "experiments"))
-    import sweep  # noqa: PLC0415
+    from experiments.sweep import sweep  # noqa: PLC0415
 
     grid = sweep.parse_grid(["model.final_drop_rate=0,0.5", "seed=0,1"])
     runs = sweep.commands("configs/digits_sd.py", str(tmp_path), grid, ["--config.x=1"])
