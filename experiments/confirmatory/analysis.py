@@ -1,0 +1,125 @@
+"""The confirmatory study's analysis, as ``PLAN.md`` fixes it: paired by seed.
+
+For each seed with both arms, ``d = error(arm) - error(constant)`` in percentage points; the
+estimate is the mean of the ``d`` and its 95% t interval with ``n - 1`` degrees of freedom
+(``experiments.common.stats.mean_ci`` of the differences). The decision rule (``decide``) is
+the plan's, applied to the primary endpoint, the test error at the best-validation epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from experiments import common
+from experiments.common import stats
+
+PAPER_GAIN_POINTS = 5.25 - 6.41
+"""The paper's SD-minus-constant test error on full CIFAR-10 with ResNet-110 (points)."""
+ENDPOINTS = {
+    "test_error_at_best_val": "test error at the best-validation epoch (primary)",
+    "test_error": "test error at the last epoch",
+}
+COMPARED = {
+    "primary": ("sd", "primary"),
+    "deep56": ("sd", "deep56"),
+    "warmup": ("warmup", "primary"),
+}
+"""study -> (the arm compared with constant depth, the study whose constant runs it pairs with)."""
+
+
+def decide(low: float, high: float) -> str:
+    """The plan's rule for the 95% paired interval ``[low, high]`` of SD minus constant (points)."""
+    if high < 0:
+        verdict = "stochastic depth lowers test error (interval below 0)"
+    elif low > 0:
+        verdict = "stochastic depth raises test error (interval above 0)"
+    else:
+        verdict = "inconclusive (interval contains 0)"
+    if low <= PAPER_GAIN_POINTS <= high:
+        return verdict + f"; consistent with the paper's {PAPER_GAIN_POINTS:+.2f}"
+    return verdict + f"; excludes the paper's {PAPER_GAIN_POINTS:+.2f}"
+
+
+def _pairs(arm_runs, constant_runs, key):
+    by_seed = {r["seed"]: r for r in constant_runs}
+    return [
+        (r["seed"], 100 * by_seed[r["seed"]][key], 100 * r[key])
+        for r in sorted(arm_runs, key=lambda r: r["seed"])
+        if r["seed"] in by_seed
+        and r.get(key) is not None
+        and by_seed[r["seed"]].get(key) is not None
+    ]
+
+
+def analyse(study: str, records: dict[str, list[dict[str, Any]]], planned_runs: int) -> dict:
+    """The study's result from the records of every study (``{study: [record, ...]}``)."""
+    arm, base = COMPARED[study]
+    arm_runs = [r for r in records.get(study, []) if r["arm"] == arm]
+    constant_runs = [r for r in records.get(base, []) if r["arm"] == "constant"]
+    own = len(records.get(study, []))
+    result: dict[str, Any] = {
+        "study": study,
+        "arm": arm,
+        "runs_recorded": own,
+        "runs_planned": planned_runs,
+        "analysis": "paired by seed: mean of per-seed differences, 95% t interval, n - 1 df",
+        "endpoints": {},
+    }
+    for key, label in ENDPOINTS.items():
+        pairs = _pairs(arm_runs, constant_runs, key)
+        entry: dict[str, Any] = {"label": label, "pairs": pairs, "n": len(pairs)}
+        if len(pairs) >= 2:
+            ci = stats.mean_ci([a - c for _, c, a in pairs])
+            entry.update(
+                mean_diff=ci["mean"],
+                low=ci["mean"] - ci["half_width"],
+                high=ci["mean"] + ci["half_width"],
+                df=len(pairs) - 1,
+            )
+            if key == "test_error_at_best_val":
+                entry["decision"] = decide(entry["low"], entry["high"])
+        result["endpoints"][key] = entry
+    times = _pairs(arm_runs, constant_runs, "median_epoch_time_s")
+    if len(times) >= 2:
+        ci = stats.mean_ci([a / c for _, c, a in times])  # the pairs are scaled by 100
+        result["median_epoch_time_ratio"] = {
+            "n": len(times),
+            "mean": ci["mean"],
+            "low": ci["mean"] - ci["half_width"],
+            "high": ci["mean"] + ci["half_width"],
+        }
+    result["complete"] = own == planned_runs
+    return result
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The study's table: per-seed errors and their paired differences, then the estimate."""
+    arm = result["arm"]
+    status = "complete" if result["complete"] else "PARTIAL"
+    lines = [
+        f"# Confirmatory study `{result['study']}`: {arm} vs constant depth ({status}: "
+        f"{result['runs_recorded']} of {result['runs_planned']} runs recorded)",
+        "",
+        f"Analysis: {result['analysis']} (PLAN.md). Errors in %, differences in points.",
+    ]
+    for entry in result["endpoints"].values():
+        rows = [[seed, f"{c:.2f}", f"{a:.2f}", f"{a - c:+.2f}"] for seed, c, a in entry["pairs"]]
+        lines += ["", f"## {entry['label']}", ""]
+        lines.append(common.markdown_table(["seed", "constant", arm, "difference"], rows))
+        if "mean_diff" in entry:
+            lines += [
+                "",
+                f"Mean difference **{entry['mean_diff']:+.2f}** points, 95% interval "
+                f"[{entry['low']:+.2f}, {entry['high']:+.2f}] ({entry['n']} pairs, "
+                f"{entry['df']} df).",
+            ]
+            if "decision" in entry:
+                lines.append(f"Decision (PLAN.md rule): {entry['decision']}.")
+    if "median_epoch_time_ratio" in result:
+        t = result["median_epoch_time_ratio"]
+        lines += [
+            "",
+            f"Median epoch time, {arm} / constant, paired: {t['mean']:.3f} "
+            f"[{t['low']:.3f}, {t['high']:.3f}] ({t['n']} pairs).",
+        ]
+    return "\n".join(lines)
