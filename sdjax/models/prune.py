@@ -13,7 +13,9 @@ block index in forward order, and for a ViT ``2 * i`` (attention) and ``2 * i + 
 transformer block ``i`` -- remove both to remove a whole layer. It works for every registered
 family, scanned or not::
 
-    apply = sdjax.models.prune.pruned_apply(model, removed_blocks=[53, 52])
+    from sdjax.models import prune
+
+    apply = prune.pruned_apply(model, removed_blocks=[53, 52])
     logits = jax.jit(apply)({"params": params, "batch_stats": batch_stats}, images)
 
 ``pruned_apply`` returns a pure function of ``(variables, images)``: the model evaluated
