@@ -128,6 +128,7 @@ def test_names_cover_all_families():
         [f"cifar_resnet{d}" for d in (20, 32, 44, 56, 110, 152, 1202)]
         + [f"resnet{d}" for d in (18, 34, 50, 101, 152)]
         + [f"efficientnet_b{i}" for i in range(8)]
+        + ["vit_ti16", "vit_s16", "vit_b16", "convnext_tiny", "convnext_small", "convnext_base"]
     )
     assert models.names() == expected
 
@@ -168,6 +169,15 @@ PARAMETER_COUNTS = {
     "efficientnet_b5": 30_389_784,
     "efficientnet_b6": 43_040_704,
     "efficientnet_b7": 66_347_960,
+    # ConvNeXt: timm's convnext_{tiny,small,base} (no parameter depends on the image size).
+    "convnext_tiny": 28_589_128,
+    "convnext_small": 50_223_688,
+    "convnext_base": 88_591_464,
+    # ViT: timm's deit_{tiny,small,base}_patch16_224 less the position embeddings of the
+    # 197 - 17 tokens a 64 x 64 image does not have: 180 x width (192, 384, 768).
+    "vit_ti16": 5_717_416 - 180 * 192,
+    "vit_s16": 22_050_664 - 180 * 384,
+    "vit_b16": 86_567_656 - 180 * 768,
 }
 
 
