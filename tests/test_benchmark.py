@@ -243,7 +243,7 @@ def test_report_renders_the_rows_it_was_given():
     summary = analysis.summarize_models(ROWS)
     result = {
         "provenance": {
-            "command": "python -m experiments.benchmark",
+            "command": "python -m experiments.benchmark.benchmark",
             "date_utc": "2026-01-01T00:00:00+00:00",
             "git_commit": "abc",
             "versions": {"jax": "0"},
@@ -286,7 +286,7 @@ def test_quick_run_times_the_package_step(tmp_path, repo_root):
     command = [
         sys.executable,
         "-m",
-        "experiments.benchmark",
+        "experiments.benchmark.benchmark",
         "--quick",
         "--settings",
         "constant,batch+dp",
@@ -307,7 +307,7 @@ def test_quick_run_times_the_package_step(tmp_path, repo_root):
 
     out = json.loads((tmp_path / "benchmark.json").read_text())
     prov = out["provenance"]
-    assert prov["command"].startswith("python -m experiments.benchmark --quick")
+    assert prov["command"].startswith("python -m experiments.benchmark.benchmark --quick")
     assert prov["machine"]["cpu_isa"] == common.cpu_isa()
     jax_rows = [row for row in out["rows"] if row["framework"] == "jax"]
     assert [(r["model"], r["setting"], r["devices"]) for r in jax_rows] == [
