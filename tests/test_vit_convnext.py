@@ -336,3 +336,95 @@ def test_deit_s_config_is_the_recipe():
         with pytest.raises(ValueError, match="optim.optimizer"):
             config_lib.validate_fields(config)
         config_lib.validate_fields(_load_config("imagenet_deit_s", "optim.optimizer=rmsprop"))
+
+
+def _from_torch(module, kind):
+    """A timm/torch layer's parameters in the sdjax layout (``kind``: linear, norm or conv)."""
+    weight = jnp.asarray(module.weight.detach().numpy())
+    bias = jnp.asarray(module.bias.detach().numpy())
+    if kind == "norm":
+        return {"scale": weight, "bias": bias}
+    return {"kernel": weight.T if kind == "linear" else weight.transpose(2, 3, 1, 0), "bias": bias}
+
+
+def _perturbed(torch, module):
+    """``module`` in eval mode with every parameter moved off its initial value (seeded)."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    return module.eval()
+
+
+def test_logits_equal_timm_with_the_same_weights():
+    """Forward parity with timm's VisionTransformer (LayerScale on) and ConvNeXt, small sizes."""
+    timm = pytest.importorskip("timm")
+    torch = pytest.importorskip("torch")
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    nhwc = jnp.asarray(images.numpy()).transpose(0, 2, 3, 1)
+
+    peer = timm.models.vision_transformer.VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=7,
+        init_values=0.3,
+    )  # fmt: skip
+    peer = _perturbed(torch, peer)
+    params = {
+        "patch_embed": _from_torch(peer.patch_embed.proj, "conv"),
+        "cls_token": jnp.asarray(peer.cls_token.detach().numpy()),
+        "pos_embed": jnp.asarray(peer.pos_embed.detach().numpy()),
+        "encoder_norm": _from_torch(peer.norm, "norm"),
+        "head": _from_torch(peer.head, "linear"),
+    }
+    for i, block in enumerate(peer.blocks):
+        attn = {
+            "norm": _from_torch(block.norm1, "norm"),
+            "qkv": _from_torch(block.attn.qkv, "linear"),
+            "proj": _from_torch(block.attn.proj, "linear"),
+            "layer_scale": jnp.asarray(block.ls1.gamma.detach().numpy()),
+        }
+        mlp = {
+            "norm": _from_torch(block.norm2, "norm"),
+            "fc1": _from_torch(block.mlp.fc1, "linear"),
+            "fc2": _from_torch(block.mlp.fc2, "linear"),
+            "layer_scale": jnp.asarray(block.ls2.gamma.detach().numpy()),
+        }
+        params[f"encoder_block{i}"] = {
+            "attn_residual": {"branch": attn},
+            "mlp_residual": {"branch": mlp},
+        }
+    model = models.create(
+        "vit_ti16", patch_size=8, hidden_size=32, num_layers=3, num_heads=2, num_classes=7,
+        layer_scale_init=0.3, conv_impl="xla",
+    )  # fmt: skip
+    got = model.apply({"params": stages.unrolled_to_scan(params)}, nhwc)
+    np.testing.assert_allclose(got, peer(images).detach().numpy(), atol=2e-6)
+
+    peer = timm.models.convnext.ConvNeXt(
+        depths=(1, 1, 2, 1), dims=(8, 16, 16, 32), num_classes=7, ls_init_value=0.5
+    )
+    peer = _perturbed(torch, peer)
+    params = {
+        "stem_conv": _from_torch(peer.stem[0], "conv"),
+        "stem_norm": _from_torch(peer.stem[1], "norm"),
+        "head_norm": _from_torch(peer.head.norm, "norm"),
+        "head": _from_torch(peer.head.fc, "linear"),
+    }
+    for s, stage in enumerate(peer.stages):
+        if s > 0:
+            params[f"downsample{s + 1}_norm"] = _from_torch(stage.downsample[0], "norm")
+            params[f"downsample{s + 1}_conv"] = _from_torch(stage.downsample[1], "conv")
+        for j, block in enumerate(stage.blocks):
+            branch = {
+                "dw_conv": _from_torch(block.conv_dw, "conv"),
+                "norm": _from_torch(block.norm, "norm"),
+                "pw1": _from_torch(block.mlp.fc1, "linear"),
+                "pw2": _from_torch(block.mlp.fc2, "linear"),
+                "layer_scale": jnp.asarray(block.gamma.detach().numpy()),
+            }
+            params[f"stage{s + 1}_block{j}"] = {"residual": {"branch": branch}}
+    model = models.create(
+        "convnext_tiny", depths=(1, 1, 2, 1), widths=(8, 16, 16, 32), num_classes=7,
+        layer_scale_init=0.5, conv_impl="xla",
+    )  # fmt: skip
+    got = model.apply({"params": stages.unrolled_to_scan(params)}, nhwc)
+    np.testing.assert_allclose(got, peer(images).detach().numpy(), atol=2e-6)
