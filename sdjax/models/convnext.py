@@ -15,7 +15,8 @@
 Stochastic depth as in timm: block ``b`` of all ``L = sum(depths)`` blocks, counted in forward
 order over the stages, gets ``linspace(0, final_drop_rate, L)[b]`` with
 ``drop_schedule="linear"`` (see :mod:`sdjax.models.ln_base`), per sample (``"row"``) with
-``scale_by_keep=True`` by default. Each stage is scanned by default (``"stage<s>_block0"`` and
+``scale_by_keep=True`` by default; ``final_drop_rate`` defaults to the paper's ImageNet-1k rate
+of each registered variant (0.1, 0.4, 0.5 for T, S, B). Each stage is scanned by default (``"stage<s>_block0"`` and
 ``"stage<s>_rest"``, :func:`sdjax.models.stages.apply_stage`). With 224 x 224 x 3 inputs and
 1000 classes ConvNeXt-T has 28,589,128 parameters, ConvNeXt-S 50,223,688 and ConvNeXt-B
 88,591,464, as in timm.
@@ -36,11 +37,12 @@ from sdjax.models.stages import apply_stage
 
 __all__ = ["VARIANTS", "ConvNeXt", "ConvNeXtBlock"]
 
-#: name suffix -> (depths, widths).
-VARIANTS: dict[str, dict[str, tuple[int, ...]]] = {
-    "tiny": dict(depths=(3, 3, 9, 3), widths=(96, 192, 384, 768)),
-    "small": dict(depths=(3, 3, 27, 3), widths=(96, 192, 384, 768)),
-    "base": dict(depths=(3, 3, 27, 3), widths=(128, 256, 512, 1024)),
+#: name suffix -> depths, widths and the paper's ImageNet-1k drop path rate (Liu et al. 2022,
+#: table 9: 0.1 / 0.4 / 0.5 for T / S / B).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(depths=(3, 3, 9, 3), widths=(96, 192, 384, 768), final_drop_rate=0.1),
+    "small": dict(depths=(3, 3, 27, 3), widths=(96, 192, 384, 768), final_drop_rate=0.4),
+    "base": dict(depths=(3, 3, 27, 3), widths=(128, 256, 512, 1024), final_drop_rate=0.5),
 }
 
 

@@ -37,7 +37,7 @@ from sdjax.models.base import StochasticDepthFields, _check_real, override
 from sdjax.models.conv_norm import Conv
 from sdjax.ops import check_rate
 
-__all__ = ["LayerNormNet", "gelu", "linspace_rates", "trunc_normal"]
+__all__ = ["LayerNormNet", "gelu", "layer_scale", "linspace_rates", "trunc_normal"]
 
 #: timm's ``trunc_normal_(std=0.02)`` (truncated at two standard deviations).
 trunc_normal = nn.initializers.truncated_normal(0.02)
