@@ -2,18 +2,20 @@
 
 `configs/digits_sd.py` with a 6-block ViT instead of the ResNet: 2x2 patches (16 tokens and a
 class token), width 64, 4 heads, MLP ratio 2, timm's rates ``linspace(0, 0.2, 6)`` per block on
-both branches, drawn per sample with train-time scaling; SGD with Nesterov momentum, a linear
-warm-up and a cosine schedule; weight decay on kernels only (not on the position embedding,
-class token, LayerNorms or biases, as DeiT). A few minutes on two CPU cores in each mode:
+both branches, drawn per sample with train-time scaling; RMSProp with momentum (sdjax has no
+AdamW yet), a 2-epoch linear warm-up and a cosine schedule, 60 epochs, no random crops; weight
+decay on kernels only (not on the position embedding, class token, LayerNorms or biases, as
+DeiT). A few minutes on two CPU cores in each mode:
 
     python -m sdjax.main --config=configs/digits_vit.py --workdir=/tmp/sdjax_digits_vit
     python -m sdjax.main --config=configs/digits_vit.py:mode=batch --workdir=/tmp/dv_batch
     python -m sdjax.main --config=configs/digits_vit.py:mode=row_subset --workdir=/tmp/dv_rs
     python -m sdjax.main --config=configs/digits_vit.py:final_drop_rate=0 --workdir=/tmp/dv_0
 
-Expected: about 97% test accuracy in every mode (``row_subset`` runs each branch on exactly
-``k = round((1 - rate) * 64)`` samples; the ViT has no BatchNorm, so it computes what masked
-``row`` mode computes on such a subset).
+Expected: about 95% test accuracy in every mode; seed 0 gave 95.8% (row), 95.0% (batch) and
+94.2% (row_subset) on the 360 test images (one image is 0.28%), about 3 minutes per run on two
+CPU cores. ``row_subset`` runs each branch on exactly ``k = round((1 - rate) * 64)`` samples;
+the ViT has no BatchNorm, so it computes what masked ``row`` mode computes on such a subset.
 """
 
 import importlib.util
@@ -54,6 +56,9 @@ def get_config(arg=None):
     config.optim.weight_decay_on = "kernels"
     config.optim.lr_schedule = "cosine"
     config.optim.warmup_epochs = 2.0
+    # No random crops: a 1-pixel shift moves half a 2x2 patch, and the ViT (no translation
+    # equivariance, 1,437 images) then learns several times slower (69% vs 96% at 60 epochs).
+    config.input.augment.crop_padding = 0
     config.train.num_epochs = 60
     config.train.eval_every_epochs = 10
     return apply_arg(config, arg)
