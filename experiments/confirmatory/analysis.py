@@ -76,8 +76,8 @@ def analyse(study: str, records: dict[str, list[dict[str, Any]]], planned_runs: 
                 high=ci["mean"] + ci["half_width"],
                 df=len(pairs) - 1,
             )
-            if key == "test_error_at_best_val":
-                entry["decision"] = decide(entry["low"], entry["high"])
+            if key == "test_error_at_best_val" and own == planned_runs:
+                entry["decision"] = decide(entry["low"], entry["high"])  # never on partial data
         result["endpoints"][key] = entry
     times = _pairs(arm_runs, constant_runs, "median_epoch_time_s")
     if len(times) >= 2:
@@ -105,7 +105,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     for entry in result["endpoints"].values():
         rows = [[seed, f"{c:.2f}", f"{a:.2f}", f"{a - c:+.2f}"] for seed, c, a in entry["pairs"]]
         lines += ["", f"## {entry['label']}", ""]
-        lines.append(common.markdown_table(["seed", "constant", arm, "difference"], rows))
+        lines.append(common.markdown_table(["seed", "constant", arm, "difference"], rows).strip())
         if "mean_diff" in entry:
             lines += [
                 "",

@@ -114,10 +114,15 @@ def record_of(run: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def train_missing(runs: list[dict[str, Any]]) -> None:
+def train_missing(runs: list[dict[str, Any]], max_runs: int | None = None) -> None:
+    """Trains the runs without a record that no other process has claimed, in plan order."""
+    trained = 0
     for run in runs:
+        if max_runs is not None and trained >= max_runs:
+            return
         if run["record"].exists() or not common.claim(run["workdir"]):
             continue
+        trained += 1
         results = common.run_training(run["command"], run["workdir"])
         run["record"].parent.mkdir(parents=True, exist_ok=True)
         common.write_json(run["record"], record_of(run, results))
@@ -135,11 +140,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--study", choices=sorted(STUDIES), default="primary")
     parser.add_argument("--data_dir", default=os.environ.get("TFDS_DATA_DIR"))
     parser.add_argument("--train_size", type=int, default=TRAIN_SIZE)
-    parser.add_argument("--epochs", type=float, default=EPOCHS)
+    parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--eval_every_epochs", type=int, default=EVAL_EVERY_EPOCHS)
     parser.add_argument("--aggregate_only", action="store_true")
     parser.add_argument("--results_dir", default=str(RESULTS))
     parser.add_argument("--workdirs", default=str(WORKDIRS))
+    parser.add_argument("--max_runs", type=int, default=None, help="train at most this many")
     args = parser.parse_args(argv)
     planned = (args.train_size, args.epochs, args.eval_every_epochs)
     fixed = (TRAIN_SIZE, EPOCHS, EVAL_EVERY_EPOCHS)
@@ -150,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
             "such runs (smoke tests) need another --results_dir"
         )
     if not args.aggregate_only:
-        train_missing(plan(args))
+        train_missing(plan(args), args.max_runs)
     records = {name: load_records(results_dir, name) for name in STUDIES}
     out = results_dir / args.study
     result = analysis.analyse(args.study, records, len(plan(args)))
