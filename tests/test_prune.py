@@ -133,6 +133,8 @@ def test_bad_block_numbers_raise():
         prune.pruned_apply(model, [8])
     with pytest.raises(ValueError, match=r"no residual branch.*prunable blocks: \[0, 6\]"):
         jax.eval_shape(prune.pruned_apply(model, [1]), variables_of("efficientnet_b0"), images)
+    with pytest.raises(ValueError, match="evaluation only"):
+        prune.pruned_apply(model)(variables_of("efficientnet_b0"), images, train=True)
 
 
 def test_pruning_a_checkpoint_written_by_the_trainer(tmp_path, tiny_config):

@@ -33,7 +33,12 @@ for an EMA run)::
     variables = {"params": trainer.state.params, "batch_stats": trainer.state.batch_stats}
     apply = pruned_apply(trainer.model, removed_blocks=removal_order(trainer.model)[:10])
 
-or restore with :class:`sdjax.checkpoint.Checkpointer` into a ``jax.eval_shape`` of the train
+and evaluate as the run does, with the run's own eval step::
+
+    state = trainer.state.replace(apply_fn=apply)
+    totals = sdjax.steps.eval_step(state, batch, augment_kwargs=..., num_classes=...)
+
+Or restore with :class:`sdjax.checkpoint.Checkpointer` into a ``jax.eval_shape`` of the train
 state (what ``build`` does). The mechanism is public Flax API only
 (``flax.linen.intercept_methods``): a model block is a module called as
 ``block(x, rate, block_index, key)`` (:mod:`sdjax.models.blocks`) whose
@@ -131,7 +136,9 @@ def pruned_apply(
         each must have a residual branch (:func:`prunable_blocks`). Empty: normal evaluation.
 
     Returns:
-      ``apply(variables, images) -> logits``: pure and jittable; ``variables`` is
+      ``apply(variables, images, train=False) -> logits``: pure and jittable, with the call
+      signature of ``model.apply`` in evaluation (so it can replace a train state's
+      ``apply_fn`` for :func:`sdjax.steps.eval_step`); ``variables`` is
       ``{"params": ..., ["batch_stats": ...]}`` of ``model`` (its own layout), ``images`` float
       ``(N, H, W, C)``; ``logits`` float32 ``(N, num_classes)``, deterministic (eval mode:
       BatchNorm running averages, the eval scaling of ``scale_by_keep=False`` on every kept
@@ -145,7 +152,9 @@ def pruned_apply(
     unrolled = _unrolled(model)
     convert = bool(model.scan_blocks)
 
-    def apply(variables: Mapping[str, Any], images: Array) -> Array:
+    def apply(variables: Mapping[str, Any], images: Array, train: bool = False) -> Array:
+        if train:
+            raise ValueError("prune: a pruned model is for evaluation only (train=False).")
         variables = scan_to_unrolled(variables) if convert else variables
         remover = _BlockRemover(removed)
         with nn.intercept_methods(remover):
