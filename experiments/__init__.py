@@ -1,1 +1,1 @@
-"""Experiment scripts (run from the repository root as `python -m experiments.<name>`)."""
+"""Studies, one folder each (`experiments/README.md`); run as `python -m experiments.<study>.<module>`."""

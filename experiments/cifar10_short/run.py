@@ -197,23 +197,8 @@ def main(argv=None) -> dict[str, Any]:
             workdir = (
                 pathlib.Path(args.workdir_root) / tag / f"{variant.replace(' ', '_')}_seed{seed}"
             )
-            command = common.train_command(CONFIG, workdir, {**base, **overrides, "seed": seed})
-            result = common.run_training(command, workdir)
-            curves = common.epoch_curves(common.read_jsonl(workdir / "metrics.jsonl"))
-            runs.append(
-                {
-                    "variant": variant,
-                    "seed": seed,
-                    "test_accuracy": result["test_accuracy"],
-                    "train_time_s": result["train_time_s"],
-                    "epoch_time_s": common.steady_epoch_time(curves["epoch_time_s"]),
-                    "steps": result["steps"],
-                    "final_train_loss": result["final_train_loss"],
-                    "command": result["command"],
-                    "reused": result["reused"],
-                    "curves": curves,
-                }
-            )
+            result = common.train_run(CONFIG, workdir, {**base, **overrides, "seed": seed})
+            runs.append({"variant": variant, "seed": seed, **result})
             print(
                 f"[{time.time() - start:7.0f} s] {variant}, seed {seed}: test accuracy "
                 f"{100 * result['test_accuracy']:.2f}%, train time {result['train_time_s']:.0f} s",
@@ -236,7 +221,6 @@ def main(argv=None) -> dict[str, Any]:
         "paper": PAPER,
         "provenance": prov,
     }
-    common.write_json(out_dir / "results.json", results)
     plot(out_dir / f"{NAME}.png", runs, title)
     md = (
         f"# Experiment 2: CIFAR-10, short schedule\n\n{title}. Config `{CONFIG}` with the step "
@@ -245,10 +229,9 @@ def main(argv=None) -> dict[str, Any]:
         "= the trainer's `train_time_s`. The paper's numbers (ResNet-110, 500 epochs, GPU) are "
         "given for reference only: this is a small-scale run.\n\n"
         + results_table(rows)
-        + f"\n![curves]({NAME}.png)\n\nPer-run commands: `results.json` (`runs[*].command`).\n\n"
-        "## Provenance\n\n" + common.provenance_markdown(prov)
+        + f"\n![curves]({NAME}.png)\n\nPer-run commands: `results.json` (`runs[*].command`).\n"
     )
-    (out_dir / "results.md").write_text(md, encoding="utf-8")
+    md = common.write_report(out_dir, results, md)
     print(md)
     return results
 

@@ -341,6 +341,50 @@ def run_training(
     return results
 
 
+def train_run(
+    config: str, workdir: str | os.PathLike, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Trains (or reads the finished) `train_command(config, workdir, overrides)`; its record.
+
+    Returns:
+      ``{"test_error", "test_accuracy", "train_time_s", "epoch_time_s" (steady, see
+      `steady_epoch_time`), "final_train_loss", "steps", "command", "reused", "curves"
+      (`epoch_curves`)}``; values the run's results.json lacks are None.
+    """
+    command = train_command(config, workdir, overrides)
+    result = run_training(command, workdir)
+    curves = epoch_curves(read_jsonl(pathlib.Path(workdir) / "metrics.jsonl"))
+    return {
+        "test_error": result.get("test_error"),
+        "test_accuracy": result.get("test_accuracy"),
+        "train_time_s": result.get("train_time_s"),
+        "epoch_time_s": steady_epoch_time(curves["epoch_time_s"]),
+        "final_train_loss": result.get("final_train_loss"),
+        "steps": result.get("steps"),
+        "command": result["command"],
+        "reused": result["reused"],
+        "curves": curves,
+    }
+
+
+def write_report(
+    out_dir: str | os.PathLike, results: dict[str, Any], markdown: str, note: str = ""
+) -> str:
+    """Writes a study's `results.json` (`results`, with its ``"provenance"``) and `results.md`:
+    `markdown`, then a Provenance section (`provenance_markdown`, then `note`). Returns the
+    markdown written."""
+    out_dir = pathlib.Path(out_dir)
+    write_json(out_dir / "results.json", results)
+    md = (
+        markdown.rstrip("\n")
+        + "\n\n## Provenance\n\n"
+        + provenance_markdown(results["provenance"])
+        + note
+    )
+    (out_dir / "results.md").write_text(md, encoding="utf-8")
+    return md
+
+
 def claim(workdir: str | os.PathLike) -> bool:
     """Takes `workdir` for this process; False while another live process holds it.
 

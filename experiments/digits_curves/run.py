@@ -142,17 +142,15 @@ def main(argv=None) -> dict[str, Any]:
         "curves": curves,
         "provenance": prov,
     }
-    common.write_json(out_dir / "results.json", results)
     plot(out_dir / f"{NAME}.png", curves, title)
     md = (
         f"# Experiment 4: training curves on digits\n\n{title}. From the runs of experiment 1 "
         f"(`{source['provenance']['command']}`). Training loss in train mode (blocks dropped), "
         "averaged per epoch; test error in eval mode.\n\n"
         + results_table(curves)
-        + f"\n![test error and training loss vs epoch]({NAME}.png)\n\n## Provenance\n\n"
-        + common.provenance_markdown(prov)
+        + f"\n![test error and training loss vs epoch]({NAME}.png)\n"
     )
-    (out_dir / "results.md").write_text(md, encoding="utf-8")
+    md = common.write_report(out_dir, results, md)
     print(md)
     return results
 

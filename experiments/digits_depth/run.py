@@ -202,23 +202,8 @@ def main(argv=None) -> dict[str, Any]:
                 / (f"{variant}_seed{seed}")
             )
             overrides = {**base, **variant_overrides(variant, args.rate), "seed": seed}
-            command = common.train_command(CONFIG, workdir, overrides)
-            result = common.run_training(command, workdir)
-            curves = common.epoch_curves(common.read_jsonl(workdir / "metrics.jsonl"))
-            runs.append(
-                {
-                    "variant": variant,
-                    "seed": seed,
-                    "test_error": result["test_error"],
-                    "train_time_s": result["train_time_s"],
-                    "epoch_time_s": common.steady_epoch_time(curves["epoch_time_s"]),
-                    "final_train_loss": result["final_train_loss"],
-                    "steps": result["steps"],
-                    "command": result["command"],
-                    "reused": result["reused"],
-                    "curves": curves,
-                }
-            )
+            result = common.train_run(CONFIG, workdir, overrides)
+            runs.append({"variant": variant, "seed": seed, **result})
             print(
                 f"[{time.time() - start:7.0f} s] {variant:8s} seed {seed}: test error "
                 f"{100 * result['test_error']:.2f}%, train time {result['train_time_s']:.0f} s"
@@ -243,9 +228,10 @@ def main(argv=None) -> dict[str, Any]:
         "runs": runs,
         "provenance": prov,
     }
-    common.write_json(out_dir / "results.json", results)
     plot(out_dir / f"{NAME}.png", runs, title)
-    md = (
+    md = common.write_report(
+        out_dir,
+        results,
         f"# Experiment 1: constant vs stochastic depth on digits\n\n{title}. Config "
         f"`{CONFIG}` (SGD, Nesterov, step schedule, batch mode, `scale_by_keep=False`); test set: "
         "the fixed 360-image digits split. Test error after the last epoch, mean ± std over seeds. "
@@ -254,10 +240,8 @@ def main(argv=None) -> dict[str, Any]:
         + results_table(rows, depths, num_blocks)
         + f"\n![test error and epoch time]({NAME}.png)\n\n"
         "Per-run commands are in `results.json` (`runs[*].command`); curves: "
-        "`experiments/digits_curves/run.py`.\n\n## Provenance\n\n"
-        + common.provenance_markdown(prov)
+        "`experiments/digits_curves/run.py`.\n",
     )
-    (out_dir / "results.md").write_text(md, encoding="utf-8")
     print(md)
     return results
 

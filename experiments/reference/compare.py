@@ -355,7 +355,7 @@ def collect_cifar(args, workdir_root: pathlib.Path, out_dir: pathlib.Path, run_m
     return runs, pending
 
 
-def cifar_markdown(args, rows, diff_line, runs, pending, prov) -> str:
+def cifar_markdown(args, rows, diff_line, runs, pending) -> str:
     pend = "".join(f"- {p['framework']} {p['variant']} seed {p['seed']}\n" for p in pending)
     return (
         "# Fidelity: sdjax vs an independent PyTorch reference (CIFAR-10 subset)\n\n"
@@ -378,10 +378,6 @@ def cifar_markdown(args, rows, diff_line, runs, pending, prov) -> str:
         + "## Runs\n\n"
         + runs_table(runs)
         + ("\n## Pending runs\n\n" + pend if pend else "")
-        + "\n## Provenance\n\n"
-        + common.provenance_markdown(prov)
-        + "- PyTorch runs with 1 thread "
-        "(`OMP_NUM_THREADS=1`); times of runs that overlapped other work are not comparable\n"
     )
 
 
@@ -441,7 +437,6 @@ def main(argv=None) -> dict[str, Any]:
     }
     if cifar:
         results["pending"] = pending
-    common.write_json(out_dir / "results.json", results)
     diff_line = (
         f"Difference of the gaps (sdjax - torch): {common.pct(diff['diff'])} pp, 95% interval "
         f"[{common.pct(diff['low'])}, {common.pct(diff['high'])}] (t interval from the two Welch standard "
@@ -450,7 +445,11 @@ def main(argv=None) -> dict[str, Any]:
         else ""
     )
     if cifar:
-        md = cifar_markdown(args, rows, diff_line, runs, pending, prov)
+        md = cifar_markdown(args, rows, diff_line, runs, pending)
+        note = (
+            "- PyTorch runs with 1 thread (`OMP_NUM_THREADS=1`); times of runs that overlapped "
+            "other work are not comparable\n"
+        )
     else:
         md = (
             f"# Fidelity: sdjax vs an independent PyTorch reference (digits)\n\n"
@@ -466,12 +465,9 @@ def main(argv=None) -> dict[str, Any]:
             + diff_line
             + "## Runs\n\n"
             + runs_table(runs)
-            + "\n## Provenance\n\n"
-            + common.provenance_markdown(prov)
-            + "- Runs pinned to one core (`taskset -c 1`, "
-            "torch with 1 thread)\n"
         )
-    (out_dir / "results.md").write_text(md, encoding="utf-8")
+        note = "- Runs pinned to one core (`taskset -c 1`, torch with 1 thread)\n"
+    md = common.write_report(out_dir, results, md, note)
     print(md)
     return results
 

@@ -224,18 +224,15 @@ def collect(args, root: pathlib.Path, run_missing: bool):
                 }
             )
             continue
-        res = common.run_training(command, workdir)
-        curves = common.epoch_curves(common.read_jsonl(workdir / "metrics.jsonl"))
+        res = common.train_run(CONFIG, workdir, overrides(args, variant, budget, seed))
+        keys = ("test_error", "final_train_loss", "train_time_s", "epoch_time_s")
         record = {
             "budget": budget,
             "seed": seed,
             "variant": variant,
-            "test_error": res["test_error"],
-            "final_train_loss": res.get("final_train_loss"),
-            "train_time_s": res["train_time_s"],
-            "epoch_time_s": common.steady_epoch_time(curves["epoch_time_s"]),
-            "train_loss_per_epoch": curves["train_loss"],
-            "steps": res.get("steps"),
+            **{k: res[k] for k in keys},
+            "train_loss_per_epoch": res["curves"]["train_loss"],
+            "steps": res["steps"],
             "command": res["command"],
         }
         common.write_json(record_path, record)
@@ -273,7 +270,6 @@ def write_outputs(args, runs, pending, partial: bool) -> dict[str, Any]:
         "pending": pending,
         "provenance": prov,
     }
-    common.write_json(out_dir / "results.json", results)
     sections = []
     if runs:
         report.plot_budgets(
@@ -310,13 +306,12 @@ def write_outputs(args, runs, pending, partial: bool) -> dict[str, Any]:
         "Paper (full CIFAR-10, ResNet-110, 500 epochs): 6.41% constant, 5.25% SD.\n\n"
         + "\n".join(sections)
         + ("\n## Pending runs\n\n" + pend if pend else "")
-        + "\n## Provenance\n\n"
-        + common.provenance_markdown(prov)
-        + "- Each process pinned to one core (`taskset`), the "
-        "runs shared between processes by `--shard` or claims; times of runs that overlapped "
-        "other work are not comparable\n"
     )
-    (out_dir / "results.md").write_text(md, encoding="utf-8")
+    note = (
+        "- Each process pinned to one core (`taskset`), the runs shared between processes by "
+        "`--shard` or claims; times of runs that overlapped other work are not comparable\n"
+    )
+    common.write_report(out_dir, results, md, note)
     return results
 
 

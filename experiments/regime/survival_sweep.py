@@ -238,7 +238,6 @@ def main(argv=None) -> dict[str, Any]:
         "runs": records,
         "provenance": prov,
     }
-    common.write_json(out_dir / "results.json", results)
     plot(out_dir / f"{NAME}.png", curve, title)
     md = (
         f"# Experiment 3: final drop rate sweep (paper Figure 8) on digits\n\n{title}; "
@@ -248,10 +247,8 @@ def main(argv=None) -> dict[str, Any]:
         + results_table(curve)
         + f"\n![test error vs final drop rate]({NAME}.png)\n\nThe runs were made with:\n\n"
         + "".join(f"    {c}\n" for c in results["sweep_commands"])
-        + "\n## Provenance\n\n"
-        + common.provenance_markdown(prov)
     )
-    (out_dir / "results.md").write_text(md, encoding="utf-8")
+    md = common.write_report(out_dir, results, md)
     print(md)
     return results
 

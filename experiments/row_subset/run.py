@@ -148,7 +148,6 @@ def write_report(args, runs, out_dir: pathlib.Path, *, finished: bool) -> dict[s
         "runs": runs,
         "provenance": prov,
     }
-    common.write_json(out_dir / "results.json", results)
     status = "" if finished else "**Partial results (the run is still going).**\n\n"
     md = (
         f"# Row-subset vs masked row stochastic depth on digits\n\n{status}{title}. Config "
@@ -160,10 +159,9 @@ def write_report(args, runs, out_dir: pathlib.Path, *, finished: bool) -> dict[s
         + results_table(runs)
         + "\n"
         + difference_text(diff)
-        + "\n\nPer-run commands are in `results.json` (`runs[*].command`).\n\n## Provenance\n\n"
-        + common.provenance_markdown(prov)
+        + "\n\nPer-run commands are in `results.json` (`runs[*].command`).\n"
     )
-    (out_dir / "results.md").write_text(md, encoding="utf-8")
+    md = common.write_report(out_dir, results, md)
     return results
 
 
@@ -185,22 +183,9 @@ def main(argv=None) -> dict[str, Any]:
                 / f"{variant}_seed{seed}"
             )
             overrides = {**base, **variant_overrides(variant), "seed": seed}
-            command = common.train_command(CONFIG, workdir, overrides)
-            result = common.run_training(command, workdir)
-            curves = common.epoch_curves(common.read_jsonl(workdir / "metrics.jsonl"))
-            runs.append(
-                {
-                    "variant": variant,
-                    "seed": seed,
-                    "test_error": result["test_error"],
-                    "train_time_s": result["train_time_s"],
-                    "epoch_time_s": common.steady_epoch_time(curves["epoch_time_s"]),
-                    "final_train_loss": result["final_train_loss"],
-                    "steps": result["steps"],
-                    "command": result["command"],
-                    "reused": result["reused"],
-                }
-            )
+            result = common.train_run(CONFIG, workdir, overrides)
+            result.pop("curves")
+            runs.append({"variant": variant, "seed": seed, **result})
             print(
                 f"[{time.time() - start:7.0f} s] {variant:10s} seed {seed}: test error "
                 f"{100 * result['test_error']:.2f}%, train time {result['train_time_s']:.0f} s"
