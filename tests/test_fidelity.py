@@ -357,8 +357,9 @@ def _sdjax_config(name: str, arg: str | None = None):
                                                   ("digits", "digits_sd.py")])  # fmt: skip
 def test_cifar_and_digits_recipes_match_sdjax_configs(dataset, config_file):
     """The reference's recipe (batch sizes, augmentation, warm-up) and the fixed parts of its
-    optimizer are those of the sdjax config (no PyTorch needed to compare them)."""
-    config = _sdjax_config(config_file)
+    optimizer are those of the sdjax config (no PyTorch needed to compare them). The reference
+    follows sdjax's earlier recipe (``recipe=sdjax``); ``paper_torch`` ports the paper's."""
+    config = _sdjax_config(config_file, "recipe=sdjax" if dataset == "cifar10" else None)
     recipe = reference_torch.RECIPES[dataset]
     assert recipe.batch_size == config.train.batch_size
     assert recipe.eval_batch_size == config.train.eval_batch_size
@@ -392,7 +393,7 @@ def test_torch_batch_norm_matches_flax(dataset, torch):
 def test_cifar_steps_and_learning_rate_match_sdjax():
     from sdjax import optim, trainer
 
-    config = _sdjax_config("cifar10_sd.py", "epochs=20")
+    config = _sdjax_config("cifar10_sd.py", "epochs=20,recipe=sdjax")
     recipe = reference_torch.RECIPES["cifar10"]
     spe, total = reference_torch.schedule_lengths(1024, recipe.batch_size, 20)
     assert (spe, total) == (8, 160)  # 1024 // 128, remainder dropped; the regime records' steps
@@ -409,7 +410,7 @@ def test_cifar_steps_and_learning_rate_match_sdjax():
 def test_cifar_data_and_normalisation_match_sdjax_pipeline(tfds_data_dir):
     from sdjax.data import augment, pipeline
 
-    config = _sdjax_config("cifar10_sd.py")
+    config = _sdjax_config("cifar10_sd.py", "recipe=sdjax")
     config.input.train_split, config.input.test_split = "train[:256]", "test[:64]"
     config.input.data_dir = str(tfds_data_dir)
     data = pipeline.create(config.input)
