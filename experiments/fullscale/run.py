@@ -3,7 +3,7 @@ depth, paired by seed, on a host without TensorFlow (see README.md beside this f
 
     bash experiments/fullscale/run.sh cifar10.npz
     python -m experiments.fullscale.run --npz=cifar10.npz --seeds=0,1,2 \\
-        --out=experiments/results/fullscale
+        --out=experiments/fullscale/results
 
 For each seed in turn, the constant-depth run and then the stochastic-depth run
 (``configs/cifar10_constant.py`` and ``configs/cifar10_sd.py``: the paper's recipe) start from
@@ -79,7 +79,7 @@ def paired_summary(results: dict[tuple[str, int], dict[str, Any]]) -> dict[str, 
       "<endpoint>": {"n", "mean", "std", "half_width"} of the differences (absent for no
       pair)}``; errors are fractions.
     """
-    from experiments import fidelity_stats  # noqa: PLC0415 (scipy, for the t quantile)
+    from experiments.common import stats  # noqa: PLC0415 (scipy, for the t quantile)
 
     seeds = sorted({seed for _, seed in results})
     pairs = []
@@ -107,7 +107,7 @@ def paired_summary(results: dict[tuple[str, int], dict[str, Any]]) -> dict[str, 
     }
     for key, _ in ENDPOINTS:
         if pairs:
-            summary[key] = fidelity_stats.mean_ci([p[f"diff_{key}"] for p in pairs])
+            summary[key] = stats.mean_ci([p[f"diff_{key}"] for p in pairs])
     return summary
 
 
@@ -187,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--npz", required=True, help="CIFAR-10 export (sdjax.data.npz_export)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated paired seeds")
     parser.add_argument("--epochs", type=float, default=500)
-    parser.add_argument("--out", default="experiments/results/fullscale")
+    parser.add_argument("--out", default="experiments/fullscale/results")
     parser.add_argument("--extra", default="", help="more config arguments, key=value,...")
     parser.add_argument("--dry_run", action="store_true", help="print the commands only")
     args = parser.parse_args(argv)
