@@ -511,3 +511,29 @@ def test_cifar_mode_reuses_regime_records_and_reports_gaps(tmp_path):
     assert {(p["framework"], p["variant"], p["seed"]) for p in results["pending"]} == {
         ("torch", v, s) for v in ("constant", "sd") for s in (0, 1)
     }
+
+
+def test_regime_plans_the_sdjax_recipe_and_reuses_every_committed_record(tmp_path):
+    """The runner plans `configs/cifar10_sd.py:recipe=sdjax`; the committed records (made with
+    `--config=configs/cifar10_sd.py` before the default became the paper's recipe) still match,
+    so `--aggregate_only` reports none missing, and the gaps are paired (n - 1 df)."""
+    import shutil
+
+    argv = ["--aggregate_only", "--depth", "20", "--train_size", "1024", "--budgets", "20", "40",
+            "80", "160", "--seeds", "3", "--data_dir", "/work/shared/data/tfds", "--variants",
+            "constant", "sd", "warmup0.25", "--workdir_root", str(tmp_path / "w"),
+            "--out", str(tmp_path / "out")]  # fmt: skip
+    records = fidelity_regime.RESULTS_DIR / "runs"
+    shutil.copytree(records, tmp_path / "out" / "runs")  # --out holds the records it reads
+    args = fidelity_regime.parse_args(argv)
+    planned = fidelity_regime.planned_command(args, tmp_path, 160, 0, "sd")
+    assert "--config=configs/cifar10_sd.py:recipe=sdjax" in planned
+    results = fidelity_regime.main(argv)
+    assert results["pending"] == []
+    assert len(results["runs"]) == len(list(records.glob("resnet20_n1024_rate0.5/ep*/*.json")))
+    by = {(r["budget"], r["variant"]): r["gap"] for r in results["summary"]}
+    assert by[160, "sd"]["df"] == 2.0 and len(by[160, "sd"]["differences"]) == 3
+    assert (100 * by[160, "sd"]["low"], 100 * by[160, "sd"]["high"]) == pytest.approx(
+        (-2.87, 2.22), abs=0.005
+    )
+    assert by[20, "sd"]["n"] == 6

@@ -1,7 +1,8 @@
 """The intervals every study uses: t interval of a mean (paired differences included), Welch.
 
 * `mean_ci`: mean and the t interval of the mean (n - 1 df); applied to per-seed differences it
-  is the paired t interval (`paired_differences` pairs runs by seed).
+  is the paired t interval (`paired_differences` pairs runs by seed; `paired_diff_interval`
+  gives it in the shape of `welch_diff_interval`'s result).
 * `welch_diff_interval`: difference of two independent means, Welch-Satterthwaite df.
 * `difference_of_differences`: the difference of two independent Welch estimates (each with its
   se and df), Satterthwaite df.
@@ -24,6 +25,7 @@ __all__ = [
     "difference_of_differences",
     "group_runs",
     "mean_ci",
+    "paired_diff_interval",
     "paired_differences",
     "t_half_width",
     "welch_diff_interval",
@@ -127,6 +129,38 @@ def paired_differences(
     for run in runs:
         by_seed.setdefault(run["seed"], {})[run["variant"]] = float(run[key])
     return [v[first] - v[second] for _, v in sorted(by_seed.items()) if first in v and second in v]
+
+
+def paired_diff_interval(
+    runs: Iterable[dict[str, Any]],
+    key: str,
+    first: str,
+    second: str,
+    confidence: float = 0.95,
+) -> dict[str, Any] | None:
+    """Paired t interval of ``first - second`` over the seeds that have both (n - 1 df).
+
+    `mean_ci(paired_differences(...))` in the shape of `welch_diff_interval`'s result, so that
+    `difference_of_differences` takes it too.
+
+    Returns:
+      ``{"diff", "low", "high", "df", "se", "n", "differences"}`` (per-seed differences in seed
+      order); None for fewer than 2 pairs.
+    """
+    diffs = paired_differences(runs, key, first, second)
+    if len(diffs) < 2:
+        return None
+    ci = mean_ci(diffs, confidence)
+    n = ci["n"]
+    return {
+        "diff": ci["mean"],
+        "low": ci["mean"] - ci["half_width"],
+        "high": ci["mean"] + ci["half_width"],
+        "df": float(n - 1),
+        "se": ci["std"] / math.sqrt(n),
+        "n": n,
+        "differences": diffs,
+    }
 
 
 def difference_of_differences(

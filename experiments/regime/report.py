@@ -9,12 +9,15 @@ defined once, in `experiments.regime.survival_sweep`).
 
 Two views:
 * the budget view (constant, `sd`, `warmup*` per budget): test error, final train loss and the
-  variant-minus-constant gap with a 95% Welch interval; figure: test error vs budget;
+  variant-minus-constant gap with a 95% paired t interval; figure: test error vs budget;
 * the survival sweep (paper Figure 8) at each budget that has `linear*` / `uniform*` runs: test
   error vs final drop rate p_L, p_L = 0 being constant depth and `sd` the linear rule at `--rate`.
 
-Everything works on partial results: a variant with one run has no interval (`n/a`), a gap
-needs >= 2 runs on both sides.
+The design is paired: the runs of one seed share their initial weights and data order whatever
+the variant, so every gap is the mean of the per-seed differences (variant minus constant, seeds
+that have both) with a t interval on n - 1 df (`stats.paired_diff_interval`), not an unpaired
+Welch interval. Everything works on partial results: a variant with one run has no interval
+(`n/a`), a gap needs >= 2 seeds with both runs.
 """
 
 from __future__ import annotations
@@ -57,9 +60,9 @@ def label(variant: str, rate: float) -> str:
 def summarize(runs: Sequence[dict[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
     """One row per (budget, variant): error mean/interval, mean final train loss, gap to constant.
 
-    Rows are sorted by budget, then `variant_order`. `gap` is the Welch interval of
-    variant-minus-constant test error at the same budget (`None` for constant itself or when
-    either side has < 2 runs).
+    Rows are sorted by budget, then `variant_order`. `gap` is the paired t interval of
+    variant-minus-constant test error at the same budget over the seeds that have both
+    (`stats.paired_diff_interval`; `None` for constant itself or with < 2 such seeds).
     """
     groups = stats.group_runs(runs, ("budget", "variant"))
     rows = []
@@ -67,8 +70,12 @@ def summarize(runs: Sequence[dict[str, Any]], confidence: float = 0.95) -> list[
         group = groups[(budget, variant)]
         errs = [r["test_error"] for r in group]
         losses = [r["final_train_loss"] for r in group if r.get("final_train_loss") is not None]
-        base = [r["test_error"] for r in groups.get((budget, "constant"), [])]
-        ok = variant != "constant" and len(errs) >= 2 and len(base) >= 2
+        base = groups.get((budget, "constant"), [])
+        gap = None
+        if variant != "constant":
+            gap = stats.paired_diff_interval(
+                [*group, *base], "test_error", variant, "constant", confidence
+            )
         rows.append(
             {
                 "budget": budget,
@@ -76,7 +83,7 @@ def summarize(runs: Sequence[dict[str, Any]], confidence: float = 0.95) -> list[
                 "error": stats.mean_ci(errs, confidence),
                 "train_loss": sum(losses) / len(losses) if losses else None,
                 "seeds": sorted(r["seed"] for r in group),
-                "gap": stats.welch_diff_interval(errs, base, confidence) if ok else None,
+                "gap": gap,
             }
         )
     return rows
@@ -117,7 +124,7 @@ def budget_table(rows: Sequence[dict[str, Any]], rate: float) -> str:
             "variant",
             "test error (%) mean ± 95% t",
             "final train loss",
-            "gap to constant (pp) [95% Welch]",
+            "gap to constant (pp) [95% paired t]",
         ],
         body,
     )
