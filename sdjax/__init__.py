@@ -1,3 +1,3 @@
 """sdjax: Dropout and Stochastic Depth for JAX/Flax."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,6 +1,6 @@
 """Checkpoints of the train state in ``workdir/checkpoints`` (orbax-checkpoint).
 
-Each checkpoint holds two items: ``state`` (the whole :class:`sdjax.train.TrainState`: step,
+Each checkpoint holds two items: ``state`` (the whole :class:`sdjax.steps.TrainState`: step,
 params, batch_stats, optimizer state, EMA params) and ``meta`` (JSON: the model config, the
 parameter shapes, the run's whole config, and loop bookkeeping such as the best validation
 accuracy and the last train loss). Orbax writes each

@@ -8,7 +8,7 @@ Examples::
 
 Rerunning the same command resumes from the latest checkpoint in ``--workdir``. The entry point
 installs the SIGTERM handler (first), sets the process up (:func:`sdjax.runtime.setup`) and runs
-:func:`sdjax.train.train_and_evaluate`. Every error a user can cause is one line ``error: ...``
+:func:`sdjax.loop.train_and_evaluate`. Every error a user can cause is one line ``error: ...``
 on stderr, before anything is written: exit code 2 for the command line and the config file
 (missing file, syntax error, unknown field, a value of the wrong type), 1 for a config the
 trainer rejects (bad value, missing dataset, incompatible checkpoint) or a NaN loss. SIGTERM

@@ -33,7 +33,7 @@ from sdjax import config as config_lib
 from sdjax import data as data_lib
 from sdjax import models, optim, runtime, steps
 
-__all__ = ["Trainer", "build", "create_model", "model_kwargs"]
+__all__ = ["Trainer", "build", "check", "create_model", "model_kwargs"]
 
 
 @dataclasses.dataclass
@@ -235,6 +235,31 @@ def _lookup(tree: dict[str, Any], field: str) -> Any:
         return config_lib.get_field(tree, field)
     except (KeyError, TypeError):
         return "<absent>"
+
+
+def check(
+    config: ml_collections.ConfigDict,
+    workdir: str | None = None,
+    *,
+    device_count: int | None = None,
+) -> None:
+    """Checks ``config`` without loading the data or compiling anything.
+
+    Checks the config's fields, the model's own fields, the dataset on disk (its classes and
+    sizes), the batch sizes vs ``device_count`` (default ``jax.device_count()``) and that the
+    images fit the model (``jax.eval_shape``); ``workdir``, if given, must be writable.
+
+    Raises:
+      ValueError: naming the field, the value and the allowed values.
+    """
+    config_lib.validate_fields(config)
+    model = create_model(config)
+    info = data_lib.check_available(config.input)
+    _check_data(config, info, device_count)
+    tx = optim.create(config.optim, 1, 1)
+    _abstract_state(config, model, info.image_shape, tx, jax.random.key(0), None)
+    if workdir is not None:
+        config_lib.validate_workdir(workdir)
 
 
 def build(config: ml_collections.ConfigDict, workdir: str) -> Trainer:

@@ -1,6 +1,6 @@
 """Every bad input is a clear error before anything compiles, and nothing already written is lost.
 
-Each case goes through ``sdjax.train.train_and_evaluate`` (the command line's messages are
+Each case goes through ``sdjax.loop.train_and_evaluate`` (the command line's messages are
 tested in ``test_main.py``). "Before compiling" is enforced, not hoped for: ``jax.jit`` is
 replaced by a function that fails the test, so an error found only after the train state or the
 train step is compiled fails here. "Nothing lost" is checked on a workdir that already holds
@@ -17,7 +17,7 @@ import pytest
 from workdir_digest import tree_digest
 
 from sdjax import config as config_lib
-from sdjax import train
+from sdjax import loop
 
 
 def set_field(config, field: str, value) -> None:
@@ -48,7 +48,7 @@ def assert_rejected(config, tmp_path, previous_run, *patterns: str) -> str:
     before = tree_digest(previous_run)
     for workdir in (fresh, previous_run):
         with pytest.raises(ValueError) as error:
-            train.train_and_evaluate(config, str(workdir))
+            loop.train_and_evaluate(config, str(workdir))
         message = str(error.value)
         for pattern in patterns:
             assert pattern in message, f"{pattern!r} not in {message!r}"
@@ -126,7 +126,7 @@ def test_unwritable_workdir(tmp_path, no_compile, tiny_config):
     blocker = tmp_path / "a_file"
     blocker.write_text("keep me")
     with pytest.raises(ValueError, match="workdir .*a_file/run.* is not writable.*--workdir"):
-        train.train_and_evaluate(tiny_config(), str(blocker / "run"))
+        loop.train_and_evaluate(tiny_config(), str(blocker / "run"))
     assert blocker.read_text() == "keep me"
 
 
@@ -140,7 +140,7 @@ def test_read_only_workdir(tmp_path, no_compile, monkeypatch, tiny_config):
     workdir = tmp_path / "ro"
     workdir.mkdir()
     with pytest.raises(ValueError, match="ro' is not writable \\(Permission denied\\)"):
-        train.train_and_evaluate(tiny_config(), str(workdir))
+        loop.train_and_evaluate(tiny_config(), str(workdir))
     assert list(workdir.iterdir()) == []
 
 
@@ -158,4 +158,4 @@ def test_num_cpu_devices_after_jax_started_with_other_devices(
 def test_the_no_compile_guard_catches_a_late_check(tmp_path, no_compile, tiny_config):
     """A valid config passes every check and reaches ``jax.jit``: the guard is not vacuous."""
     with pytest.raises(AssertionError, match="jax.jit was called"):
-        train.train_and_evaluate(tiny_config(), str(tmp_path / "ok"))
+        loop.train_and_evaluate(tiny_config(), str(tmp_path / "ok"))

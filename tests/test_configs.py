@@ -13,7 +13,7 @@ import jax
 import pytest
 
 from sdjax import config as config_lib
-from sdjax import config_utils, optim, train
+from sdjax import optim, steps, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -49,7 +49,7 @@ def test_config_validates_without_data(name):
         docstring = ast.get_docstring(ast.parse(f.read()))
     assert docstring and "python -m sdjax.main" in docstring, "the docstring names the command"
     config_lib.validate_fields(config)
-    train.create_model(config)  # the model checks its own fields
+    trainer.create_model(config)  # the model checks its own fields
     assert set(config) == set(config_lib.default_config())
 
 
@@ -57,7 +57,7 @@ def test_config_validates_without_data(name):
 def test_cifar10_configs_validate_against_the_data(name, tfds_data_dir):
     """Real CIFAR-10 when present, else the fake one (see the pytest summary line)."""
     config = load(name, f"steps=10,data_dir={tfds_data_dir}")
-    config_utils.validate(config, device_count=1)
+    trainer.check(config, device_count=1)
 
 
 def test_constant_depth_baseline_is_the_sd_recipe_without_drops():
@@ -70,9 +70,9 @@ def test_constant_depth_baseline_is_the_sd_recipe_without_drops():
 
 def test_state_shapes_of_the_paper_model_without_compiling():
     config = load("cifar10_sd")
-    model = train.create_model(config)
+    model = trainer.create_model(config)
     tx = optim.create(config.optim, 1000, 390)
-    init = functools.partial(train.create_train_state, config, model, (32, 32, 3), tx=tx)
+    init = functools.partial(steps.create_train_state, config, model, (32, 32, 3), tx=tx)
     state = jax.eval_shape(init, jax.random.key(0))
     n = sum(x.size for x in jax.tree.leaves(state.params))
     assert 1.6e6 < n < 1.8e6  # ResNet-110: 1.7M parameters
@@ -108,7 +108,7 @@ def test_arg_strings_aliases_dotted_paths_and_new_model_fields():
 
 def test_config_module_and_config_files_import_no_jax():
     code = (
-        "import sys; import sdjax.config, sdjax.config_utils; sys.path.insert(0, 'configs'); "
+        "import sys; import sdjax.config; sys.path.insert(0, 'configs'); "
         "import cifar10_sd, digits_sd, imagenet_efficientnet; "
         "assert not [m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')], 'jax'"
     )

@@ -22,7 +22,6 @@ from jax import lax
 
 import sdjax.models as models
 from sdjax import layers, ops
-from sdjax.models import common
 from sdjax.models.blocks import ResidualBlock
 from sdjax.models.stages import apply_stage
 
@@ -783,13 +782,13 @@ def test_create_builds_the_fast_path():
 
 def test_layout_converters_round_trip(cifar_variables):
     variables, _ = cifar_variables
-    unrolled = common.scan_to_unrolled(variables)
+    unrolled = models.scan_to_unrolled(variables)
     assert "stage1_rest" not in unrolled["params"]
     kernel = unrolled["params"]["stage1_block2"]["residual"]["branch"]["conv1"]["kernel"]
     np.testing.assert_array_equal(
         kernel, variables["params"]["stage1_rest"]["residual"]["branch"]["conv1"]["kernel"][1]
     )
-    assert max_abs_diff(common.unrolled_to_scan(unrolled), variables) == 0
+    assert max_abs_diff(models.unrolled_to_scan(unrolled), variables) == 0
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,12 +41,12 @@ def sd_loop(workdir: str) -> None:
     """The whole loop with batch-mode stochastic depth at rate 0.5, every step logged."""
     import tiny_config  # noqa: PLC0415
 
-    from sdjax import train  # noqa: PLC0415
+    from sdjax import loop  # noqa: PLC0415
 
     config = tiny_config.get_config(f"steps={NUM_STEPS}")
     config.train.log_every_steps = 1
     config.train.checkpoint_every_steps = 1000
-    train.train_and_evaluate(config, workdir)
+    loop.train_and_evaluate(config, workdir)
 
 
 def steps_from_the_same_state() -> None:
@@ -57,7 +57,7 @@ def steps_from_the_same_state() -> None:
     from jax.sharding import PartitionSpec as P  # noqa: PLC0415
 
     from sdjax import data as data_lib  # noqa: PLC0415
-    from sdjax import optim, train  # noqa: PLC0415
+    from sdjax import optim, steps, trainer  # noqa: PLC0415
 
     assert jax.device_count() == 8, jax.devices()
     for mode in MODES:
@@ -65,18 +65,18 @@ def steps_from_the_same_state() -> None:
         config.model.scale_by_keep = mode == "row"
         data = data_lib.create(config.input)
         tx = optim.create(config.optim, NUM_STEPS, data.steps_per_epoch(32))
-        model = train.create_model(config)
+        model = trainer.create_model(config)
         key = jax.random.key(0)
         fns = {}
         for n in (1, 8):
             mesh = Mesh(np.asarray(jax.devices()[:n]), ("data",))
             rep, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
             step = functools.partial(
-                train.train_step, augment_kwargs=data.augment_kwargs(), num_classes=10
+                steps.train_step, augment_kwargs=data.augment_kwargs(), num_classes=10
             )
             jitted = jax.jit(step, in_shardings=(rep, sharded, rep), out_shardings=(rep, rep))
             fns[n] = (rep, sharded, jitted)
-        init = functools.partial(train.create_train_state, config, model, (8, 8, 1), tx=tx)
+        init = functools.partial(steps.create_train_state, config, model, (8, 8, 1), tx=tx)
         state = jax.jit(init)(key)
         for s in range(NUM_STEPS):
             batch = data.train_batch(config.seed, s, 32)

@@ -1,5 +1,5 @@
 """Two hosts (local processes x 4 CPU devices, ``jax.distributed`` on 127.0.0.1) vs one host
-with 8 CPU devices, both through ``sdjax.train.train_and_evaluate``.
+with 8 CPU devices, both through ``sdjax.loop.train_and_evaluate``.
 
 Promises tested:
 
@@ -44,7 +44,7 @@ def host(out_dir, workdir, process_id, num_processes, port) -> None:
 
     import tiny_config  # noqa: PLC0415
 
-    from sdjax import checkpoint, runtime, train  # noqa: PLC0415
+    from sdjax import checkpoint, loop, runtime  # noqa: PLC0415
     from sdjax.data import pipeline  # noqa: PLC0415
 
     reads = []
@@ -85,7 +85,7 @@ def host(out_dir, workdir, process_id, num_processes, port) -> None:
         config.train.num_processes = num_processes
         config.train.process_id = process_id
     runtime.setup(config)  # jax.distributed.initialize, as python -m sdjax.main does
-    results = train.train_and_evaluate(config, str(workdir))
+    results = loop.train_and_evaluate(config, str(workdir))
     assert jax.process_count() == num_processes and jax.device_count() == 8
     assert jax.local_device_count() == 8 // num_processes
     np.savez(os.path.join(out_dir, f"params_{process_id}.npz"), **saved)

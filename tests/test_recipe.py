@@ -350,8 +350,8 @@ def test_train_size_is_a_fixed_random_subset_of_the_part_left_after_validation(t
 
 
 def test_train_size_larger_than_the_training_part_is_refused(tiny_config, tmp_path):
-    from sdjax import train  # noqa: PLC0415
+    from sdjax import loop  # noqa: PLC0415
 
     config = tiny_config("validation_size=300,train_size=1200")
     with pytest.raises(ValueError, match=r"config.input.train_size=1200 is invalid.*1137"):
-        train.train_and_evaluate(config, str(tmp_path / "w"))
+        loop.train_and_evaluate(config, str(tmp_path / "w"))

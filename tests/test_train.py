@@ -17,7 +17,7 @@ import pytest
 from workdir_digest import tree_digest
 
 from sdjax import data as data_lib
-from sdjax import loop, models, steps, train, trainer
+from sdjax import loop, models, steps, trainer
 
 REFERENCE_STEPS = 8
 
@@ -57,7 +57,7 @@ def reference(tmp_path_factory):
     from tiny_config import get_config  # noqa: PLC0415
 
     workdir = tmp_path_factory.mktemp("reference") / "run"
-    train.train_and_evaluate(reference_config(get_config), str(workdir))
+    loop.train_and_evaluate(reference_config(get_config), str(workdir))
     return workdir
 
 
@@ -83,7 +83,7 @@ def test_end_to_end_builds_once_and_writes_results_metrics_and_checkpoints(
     monkeypatch.setattr(data_lib, "create", count("data", create_data))
     monkeypatch.setattr(models, "create", count("model", create_model))
     workdir = tmp_path / "run"
-    results = train.train_and_evaluate(tiny_config(), str(workdir))
+    results = loop.train_and_evaluate(tiny_config(), str(workdir))
     assert calls == {"data": 1, "model": 1}  # built once, checked on the same objects
     on_disk = json.loads((workdir / "results.json").read_text())
     assert on_disk["steps"] == results["steps"] == 6
@@ -96,7 +96,7 @@ def test_end_to_end_builds_once_and_writes_results_metrics_and_checkpoints(
     # Batch-mode stochastic depth: each logged window's blocks are the mean of the gates that
     # the steps' dropout keys draw.
     config = tiny_config()
-    model = train.create_model(config)
+    model = trainer.create_model(config)
     train_key = jax.random.fold_in(jax.random.key(config.seed, impl=config.prng_impl), 1)
     logged = [x for x in lines if "train_loss" in x]
     assert [x["step"] for x in logged] == [2, 3, 4, 6]  # every 2 steps, and at the save at 3
@@ -123,11 +123,11 @@ def test_preempted_twice_then_resumed_equals_the_uninterrupted_run(
     workdir = tmp_path / "resumed"
     for stop in (3, REFERENCE_STEPS):
         monkeypatch.setattr(loop.Preemption, "reached", lambda self, step, s=stop: step == s)
-        out = train.train_and_evaluate(config, str(workdir))
+        out = loop.train_and_evaluate(config, str(workdir))
         assert out == {"preempted": True, "steps": stop, "saved": True}
         assert not (workdir / "results.json").exists()
     monkeypatch.undo()
-    again = train.train_and_evaluate(config, str(workdir))
+    again = loop.train_and_evaluate(config, str(workdir))
 
     records = train_records(workdir)
     assert [r["step"] for r in records] == list(range(1, REFERENCE_STEPS + 1))  # no step twice
@@ -145,7 +145,7 @@ def test_rerun_of_a_finished_run_leaves_its_files_unchanged(copy_of_reference, t
     expected = json.loads((copy_of_reference / "results.json").read_text())
     config = reference_config(tiny_config)
     config.train.log_every_steps = 4  # a harmless change is accepted
-    assert train.train_and_evaluate(config, str(copy_of_reference)) == expected
+    assert loop.train_and_evaluate(config, str(copy_of_reference)) == expected
     assert tree_digest(copy_of_reference) == before
 
 
@@ -156,7 +156,7 @@ def test_resume_with_fewer_steps_than_the_checkpoint_is_refused(
     config = reference_config(tiny_config)
     config.train.num_train_steps = 5
     with pytest.raises(ValueError, match="at step 8, beyond this run's 5 steps"):
-        train.train_and_evaluate(config, str(copy_of_reference))
+        loop.train_and_evaluate(config, str(copy_of_reference))
     assert tree_digest(copy_of_reference) == before
 
 
@@ -171,7 +171,7 @@ def test_resume_with_a_trajectory_changing_config_is_refused_unless_allowed(
     with monkeypatch.context() as m:
         m.setattr(jax, "jit", lambda *a, **k: pytest.fail("compiled before the check"))
         with pytest.raises(ValueError) as error:
-            train.train_and_evaluate(config, str(copy_of_reference))
+            loop.train_and_evaluate(config, str(copy_of_reference))
     message = str(error.value)
     for part in ("seed: 0 -> 1", "optim.learning_rate: 0.1 -> 0.05", "train.num_train_steps"):
         assert part in message
@@ -181,7 +181,7 @@ def test_resume_with_a_trajectory_changing_config_is_refused_unless_allowed(
     config = reference_config(tiny_config)
     config.train.num_train_steps = 10
     config.train.allow_config_change = True
-    results = train.train_and_evaluate(config, str(copy_of_reference))
+    results = loop.train_and_evaluate(config, str(copy_of_reference))
     assert results["steps"] == 10
     assert [r["step"] for r in train_records(copy_of_reference)] == list(range(1, 11))
 
@@ -193,11 +193,11 @@ def test_checkpoint_of_another_model_is_refused_before_compiling(
     other = reference_config(tiny_config)
     other.model.name = "cifar_resnet32"
     with pytest.raises(ValueError, match="cifar_resnet20.*cifar_resnet32.*nothing was loaded"):
-        train.train_and_evaluate(other, str(copy_of_reference))
+        loop.train_and_evaluate(other, str(copy_of_reference))
     wider = reference_config(tiny_config)
     wider.model.widths = (4, 8, 8)
     with pytest.raises(ValueError, match="different parameter shapes.*nothing was loaded"):
-        train.train_and_evaluate(wider, str(copy_of_reference))
+        loop.train_and_evaluate(wider, str(copy_of_reference))
     assert tree_digest(copy_of_reference) == before
 
 
@@ -235,7 +235,7 @@ def test_non_finite_loss_or_state_stops_and_keeps_the_last_good_checkpoint(
     config.train.log_every_steps = 4
     workdir = tmp_path / "nan"
     with pytest.raises(FloatingPointError) as error:
-        train.train_and_evaluate(config, str(workdir))
+        loop.train_and_evaluate(config, str(workdir))
     message = str(error.value)
     assert "step 6" in message and "last good checkpoint (step 3)" in message
     assert str(workdir / "checkpoints") in message
@@ -257,15 +257,15 @@ def test_drop_warmup_ramps_the_drop_rates_from_zero_and_resumes_exactly(
     config.train.drop_warmup_fraction = 0.5
     config.train.log_every_steps = 1
     workdir = tmp_path / "warmup"
-    train.train_and_evaluate(config, str(workdir))
+    loop.train_and_evaluate(config, str(workdir))
     resumed = tmp_path / "resumed"
     with monkeypatch.context() as m:
         m.setattr(loop.Preemption, "reached", lambda self, step: step == 2)
-        assert train.train_and_evaluate(config, str(resumed))["steps"] == 2
-    train.train_and_evaluate(config, str(resumed))
+        assert loop.train_and_evaluate(config, str(resumed))["steps"] == 2
+    loop.train_and_evaluate(config, str(resumed))
     assert [r["step"] for r in train_records(resumed)] == list(range(1, 7))
     assert_bitwise_equal(restore_state(workdir, 6), restore_state(resumed, 6))
-    model = train.create_model(config)
+    model = trainer.create_model(config)
     train_key = jax.random.fold_in(jax.random.key(config.seed, impl=config.prng_impl), 1)
     blocks = [r["train_blocks_run"] for r in train_records(workdir)]
     scales = [0.0, 1 / 3, 2 / 3, 1.0, 1.0, 1.0]  # by hand, not from steps.drop_rate_scale

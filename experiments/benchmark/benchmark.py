@@ -76,7 +76,7 @@ import jax
 
 from experiments import common
 from experiments.benchmark.bench import analysis, report, settings, timing, transformer
-from sdjax import host_malloc, schedules, train
+from sdjax import host_malloc, runtime, schedules
 
 try:  # the `bench` extra
     import torch
@@ -261,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cpus = available_cpus()
     malloc_applied = host_malloc.configure(args.host_malloc)
     # Called from Python after JAX started (e.g. by a test), the existing devices are kept.
-    train.request_cpu_devices(args.cpu_devices)
+    runtime.request_cpu_devices(args.cpu_devices)
     num_devices = len(jax.devices())
     pairs = plan(args)
     for name, setting in pairs:

@@ -5,7 +5,7 @@ for one batch:
 
 * evaluation logits (running BatchNorm averages, branch scaled by `1 - rate`) agree;
 * training logits agree when the PyTorch blocks are forced to the gates sdjax's key draws
-  (`sdjax.models.common.batch_gates`), and sdjax's gates for that key are also what the forward
+  (`sdjax.models.batch_gates`), and sdjax's gates for that key are also what the forward
   pass used (a skipped block leaves its BatchNorm statistics unchanged, a kept one updates them;
   the updated running means agree, the running variances up to PyTorch's n/(n-1) correction);
 * the loss gradients agree (zero in sdjax / absent in PyTorch for the skipped blocks' branches);
@@ -76,7 +76,6 @@ def compare(
 
     from experiments.reference import torch_models, train_torch
     from sdjax import models
-    from sdjax.models import common as model_common
 
     torch.set_num_threads(1)
     kwargs = dict(num_classes=10, input_channels=channels, final_drop_rate=0.5, drop_mode="batch")
@@ -100,7 +99,7 @@ def compare(
         lambda path, a: a + 1.0 if getattr(path[-1], "key", None) == "var" else a, stats
     )
     variables = {"params": variables["params"], "batch_stats": stats}
-    scan_vars = model_common.unrolled_to_scan(variables)
+    scan_vars = models.unrolled_to_scan(variables)
 
     # The paper's rule written independently of sdjax: eval logits then check sdjax's indexing.
     rates = train_torch.linear_rates(unrolled.num_blocks, 0.5)
@@ -123,7 +122,7 @@ def compare(
 
     for k in range(num_keys):
         key = jax.random.key(100 + k)
-        gates = np.asarray(model_common.batch_gates(unrolled, key))
+        gates = np.asarray(models.batch_gates(unrolled, key))
 
         def loss_fn(params, model=unrolled, vs=variables, key=key):
             logits, new = model.apply(
@@ -189,7 +188,7 @@ def compare(
             )
     # Gate frequencies: block l is kept with probability 1 - rate_l (z-score over many keys).
     keys = jax.random.split(jax.random.key(seed + 1), gate_draws)
-    kept = np.asarray(jax.vmap(lambda k: model_common.batch_gates(unrolled, k))(keys)).mean(0)
+    kept = np.asarray(jax.vmap(lambda k: models.batch_gates(unrolled, k))(keys)).mean(0)
     keep = 1.0 - np.asarray(rates)
     z = np.abs(kept - keep) / np.sqrt(keep * (1 - keep) / gate_draws)
     diffs["gate_frequency_max_abs_z"] = float(z.max())
