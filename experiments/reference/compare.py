@@ -2,13 +2,21 @@
 
 Both frameworks train the same network (CIFAR ResNet, digits, `configs/digits_sd.py`'s recipe;
 the PyTorch side is `experiments.reference.train_torch`) constant depth (`final_drop_rate=0`) and
-with stochastic depth (linear to 0.5, batch mode), on the same seeds. The SD-minus-constant gap
-of the mean test error is reported per framework with a 95% Welch t interval (and a percentile
-bootstrap interval), and the difference of the two gaps with its Welch-type interval.
+with stochastic depth (linear to 0.5, batch mode), on the same seeds. Within a framework the
+design is paired: the constant and SD runs of one seed share their initial weights and data
+order, so the SD-minus-constant gap is the mean of the per-seed differences with
+a 95% t interval on n - 1 df (`stats.paired_diff_interval`). Between frameworks it is not (each
+draws its own initial weights, augmentation and gates), so the difference of the two gaps gets a
+t interval from the two gaps' standard errors with Satterthwaite df
+(`stats.difference_of_differences`). All seeds are reported; none is excluded.
 
 Runs are seed-major and resumable: sdjax runs reuse `workdirs/fidelity_reference/sdjax/...`
 (`results.json`), PyTorch runs reuse `workdirs/fidelity_reference/torch/<variant>_seed<s>.json`.
-`--aggregate_only` writes the tables from whatever runs have finished.
+`--aggregate_only` writes the tables from whatever runs have finished; a run whose workdir is
+gone is read from the committed `results.json` (its `runs`, whose original provenance is kept
+as `runs_provenance`), so the committed tables regenerate without training:
+
+    python -m experiments.reference.compare --depth 32 --epochs 15 --seeds 10 --aggregate_only
 
     OMP_NUM_THREADS=1 taskset -c 1 python -m experiments.reference.compare --depth 32 \\
         --epochs 15 --seeds 10
@@ -16,12 +24,15 @@ Runs are seed-major and resumable: sdjax runs reuse `workdirs/fidelity_reference
 Outputs: `experiments/reference/results/` (`results.json`, `results.md`).
 
 CIFAR-10 mode (`--dataset cifar10`): ResNet-`depth` on the first `--train_size` CIFAR-10 training
-images with `configs/cifar10_sd.py`'s recipe, tested on the 10,000 test images -- the runs of the
-regime study (`experiments.regime.run`). The sdjax side is NOT retrained: it reads the
+images with sdjax's earlier recipe (`configs/cifar10_sd.py:recipe=sdjax`, the regime study's
+`CONFIG`), tested on the 10,000 test images -- the runs of the regime study
+(`experiments.regime.run`). The sdjax side is NOT retrained: it reads the
 regime study's committed record of each run,
 `experiments/regime/results/runs/resnet<D>_n<N>_rate0.5/ep<E>/<variant>_seed<s>.json`,
-when its command is the planned one up to `--workdir` and the fields sdjax itself calls harmless
-(`input.data_dir`, checkpoint cadence, ...); a missing record is listed as pending
+when its command is the planned one up to `--workdir`, the fields sdjax itself calls harmless
+(`input.data_dir`, checkpoint cadence, ...) and the config flag's spelling (a record made with
+`--config=configs/cifar10_sd.py` before that config defaulted to the paper's recipe was made
+with the sdjax recipe; `experiments.regime.run.normalize_config`); a missing record is listed as pending
 (`--train_missing_sdjax` trains it under `workdirs/fidelity_reference/sdjax/`). The PyTorch runs
 (`train_torch --dataset cifar10`) leave committed records in
 `experiments/reference/results/cifar10/resnet<D>_n<N>_ep<E>/torch_runs/<variant>_seed<s>.json`
@@ -53,10 +64,18 @@ from experiments.regime import run as regime
 NAME = "fidelity_reference"
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 CONFIG = "configs/digits_sd.py"
-CIFAR_CONFIG = "configs/cifar10_sd.py"
+CIFAR_CONFIG = regime.CONFIG  # configs/cifar10_sd.py:recipe=sdjax, the records' recipe
 SD_RATE = 0.5
 VARIANTS = ("constant", "sd")
 FRAMEWORKS = ("sdjax", "torch")
+ANALYSIS = (
+    "Gap = SD - constant in percentage points, **paired analysis** within each framework: the "
+    "constant and SD runs of one seed share initial weights and data order, "
+    "so the gap is the mean of the per-seed differences with a 95% t interval on n - 1 df "
+    "(n = seeds with both runs). The two frameworks are not paired (each has its own random "
+    "streams): the difference of their gaps is a Welch-type t interval (Satterthwaite df). "
+    "All seeds are reported; none is excluded."
+)
 
 
 def sdjax_overrides(variant: str, depth: int, epochs: int, seed: int) -> dict[str, Any]:
@@ -118,9 +137,11 @@ def run_torch(
 
 
 def gap_rows(runs: Sequence[dict[str, Any]], confidence: float = 0.95) -> list[dict[str, Any]]:
-    """One row per framework: mean test errors, SD-minus-constant gap, Welch and bootstrap CIs.
+    """One row per framework: mean test errors and the SD-minus-constant gap, paired by seed.
 
-    Frameworks with fewer than 2 finished runs of either variant get intervals of `None`.
+    `gap` is `stats.paired_diff_interval` (per-seed differences, t interval on n - 1 df; the
+    runs of one seed share initial weights and data order); `None` with fewer than 2 seeds
+    that have both variants.
     """
     groups = stats.group_runs(runs, ("framework", "variant"))
     rows = []
@@ -133,44 +154,46 @@ def gap_rows(runs: Sequence[dict[str, Any]], confidence: float = 0.95) -> list[d
             "n_sd": len(sd),
             "constant": stats.mean_ci(const, confidence) if const else None,
             "sd": stats.mean_ci(sd, confidence) if sd else None,
-            "gap_welch": None,
-            "gap_bootstrap": None,
+            "gap": stats.paired_diff_interval(
+                [*groups.get((fw, "constant"), []), *groups.get((fw, "sd"), [])],
+                "test_error",
+                "sd",
+                "constant",
+                confidence,
+            ),
         }
-        if len(const) >= 2 and len(sd) >= 2:
-            row["gap_welch"] = stats.welch_diff_interval(sd, const, confidence)
-            row["gap_bootstrap"] = stats.bootstrap_diff_interval(sd, const, confidence)
         rows.append(row)
     return rows
 
 
 def gap_difference(rows: Sequence[dict[str, Any]], confidence: float = 0.95) -> dict | None:
-    """sdjax gap minus torch gap: a t interval from the two Welch SEs, Satterthwaite df.
+    """sdjax gap minus torch gap: a t interval from the two gaps' SEs, Satterthwaite df.
 
-    `se^2 = se_a^2 + se_b^2` and `df = se^4 / (se_a^4 / df_a + se_b^4 / df_b)` (each gap's own
-    Welch df), so that with few seeds the interval widens as the Welch intervals do.
+    The frameworks are not paired (different random streams), so the two paired gaps are
+    independent estimates: `se^2 = se_a^2 + se_b^2` and `df = se^4 / (se_a^4 / df_a +
+    se_b^4 / df_b)` (each gap's own n - 1 df), so that with few seeds the interval widens as the
+    gaps' intervals do.
     """
     by = {r["framework"]: r for r in rows}
-    if not all(fw in by and by[fw]["gap_welch"] for fw in FRAMEWORKS):
+    if not all(fw in by and by[fw]["gap"] for fw in FRAMEWORKS):
         return None
-    return stats.difference_of_differences(
-        by["sdjax"]["gap_welch"], by["torch"]["gap_welch"], confidence
-    )
+    return stats.difference_of_differences(by["sdjax"]["gap"], by["torch"]["gap"], confidence)
 
 
 def gap_table(rows: Sequence[dict[str, Any]]) -> str:
     body = []
     for r in rows:
-        c, s, w, b = r["constant"], r["sd"], r["gap_welch"], r["gap_bootstrap"]
+        c, s, g = r["constant"], r["sd"], r["gap"]
         body.append(
             [
                 r["framework"],
                 f"{r['n_constant']} / {r['n_sd']}",
                 f"{common.pct(c['mean'])} ± {common.pct(c['std'])}" if c else "n/a",
                 f"{common.pct(s['mean'])} ± {common.pct(s['std'])}" if s else "n/a",
-                f"{common.pct(w['diff'])} [{common.pct(w['low'])}, {common.pct(w['high'])}]"
-                if w
+                f"{common.pct(g['diff'])} [{common.pct(g['low'])}, {common.pct(g['high'])}] "
+                f"(n={g['n']})"
+                if g
                 else "n/a",
-                f"[{common.pct(b['low'])}, {common.pct(b['high'])}]" if b else "n/a",
             ]
         )
     return common.markdown_table(
@@ -179,8 +202,7 @@ def gap_table(rows: Sequence[dict[str, Any]]) -> str:
             "runs (constant / SD)",
             "constant test error (%) mean ± std",
             "SD test error (%) mean ± std",
-            "gap SD - constant (pp) [95% Welch t]",
-            "gap [95% bootstrap]",
+            "gap SD - constant (pp) [95% paired t]",
         ],
         body,
     )
@@ -204,7 +226,23 @@ def runs_table(runs: Sequence[dict[str, Any]]) -> str:
     )
 
 
-def collect(args, workdir_root: pathlib.Path, run_missing: bool) -> list[dict[str, Any]]:
+def committed_runs(out_dir: pathlib.Path) -> tuple[dict[tuple, dict[str, Any]], dict | None]:
+    """The runs of the committed `out_dir/results.json` by (framework, variant, seed), and the
+    provenance of the call that recorded them (`runs_provenance`, else `provenance`)."""
+    path = out_dir / "results.json"
+    if not path.exists():
+        return {}, None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    runs = {(r["framework"], r["variant"], r["seed"]): r for r in saved.get("runs", [])}
+    return runs, saved.get("runs_provenance", saved.get("provenance"))
+
+
+def collect(
+    args, workdir_root: pathlib.Path, run_missing: bool, committed: dict[tuple, dict] | None = None
+) -> list[dict[str, Any]]:
+    """Digits runs, seed-major: each trained (or reused from its workdir); with `run_missing`
+    False, a run without a workdir result is taken from `committed` (`committed_runs`) if there."""
+    committed = committed or {}
     runs = []
     start = time.time()
     tag = f"depth{args.depth}_ep{args.epochs}"
@@ -214,6 +252,8 @@ def collect(args, workdir_root: pathlib.Path, run_missing: bool) -> list[dict[st
                 if fw == "sdjax":
                     workdir = workdir_root / "sdjax" / tag / f"{variant}_seed{seed}"
                     if not run_missing and not (workdir / "results.json").exists():
+                        if (fw, variant, seed) in committed:
+                            runs.append(committed[fw, variant, seed])
                         continue
                     command = common.train_command(
                         CONFIG, workdir, sdjax_overrides(variant, args.depth, args.epochs, seed)
@@ -234,6 +274,8 @@ def collect(args, workdir_root: pathlib.Path, run_missing: bool) -> list[dict[st
                     out = workdir_root / "torch" / tag
                     path = out / f"{variant}_seed{seed}.json"
                     if not run_missing and not path.exists():
+                        if (fw, variant, seed) in committed:
+                            runs.append(committed[fw, variant, seed])
                         continue
                     res = run_torch(
                         torch_command(variant, seed, args.depth, args.epochs, out), path
@@ -285,7 +327,9 @@ def trajectory_flags(argv: Sequence[str]) -> list[str]:
     from sdjax.config import HARMLESS_FIELDS
 
     skip = ("--workdir=", *(f"--config.{f}=" for f in HARMLESS_FIELDS))
-    return [a for a in argv if not a.startswith(skip)]
+    # `--config=configs/cifar10_sd.py` (a record made before the paper's recipe became that
+    # config's default) reads as `configs/cifar10_sd.py:recipe=sdjax`, the recipe it ran.
+    return [a for a in regime.normalize_config(argv) if not a.startswith(skip)]
 
 
 def same_sdjax_run(a: str | Sequence[str], b: str | Sequence[str]) -> bool:
@@ -361,17 +405,16 @@ def cifar_markdown(args, rows, diff_line, runs, pending) -> str:
         "# Fidelity: sdjax vs an independent PyTorch reference (CIFAR-10 subset)\n\n"
         + ("**Status: PARTIAL: some planned runs are missing (below).**\n\n" if pending else "")
         + f"ResNet-{args.depth}, CIFAR-10 `train[:{args.train_size}]`, {args.epochs} epochs, "
-        f"recipe of `{CIFAR_CONFIG}` (SGD Nesterov 0.9, weight decay 1e-4 on all parameters, "
+        f"recipe of `{CIFAR_CONFIG}`, sdjax's earlier recipe (SGD Nesterov 0.9, weight decay 1e-4 on all parameters, "
         "lr 0.1 without warm-up, /10 at 50% and 75%, batch 128 with the remainder dropped, pad-4 "
         "crops + flips); constant depth vs stochastic depth linear to 0.5, batch mode, eval-time "
         "scaling by the survival probability. Test error on the 10,000 test images after the "
         "last epoch. sdjax runs: the regime study's committed records "
         "(`experiments/regime/results/runs/`); PyTorch runs: `python -m experiments."
         "reference.train_torch --dataset cifar10` (same data, normalisation and per-epoch example "
-        "order; its own random draws for initialisation, augmentation and gates). Gap = "
-        "mean(SD) - mean(constant) in percentage points; intervals: 95% Welch t interval on the "
-        "difference of means, and a percentile bootstrap (10,000 resamples, each sample "
-        "resampled separately).\n\n"
+        "order; its own random draws for initialisation, augmentation and gates). "
+        + ANALYSIS
+        + "\n\n"
         + gap_table(rows)
         + "\n"
         + diff_line
@@ -409,6 +452,7 @@ def main(argv=None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     workdir_root = pathlib.Path(args.workdir_root or common.REPO_ROOT / "workdirs" / NAME)
     cifar = args.dataset == "cifar10"
+    runs_prov = None
     if cifar:
         out_dir = common.results_dir(RESULTS_DIR / "cifar10" / cifar_tag(args), args.out)
         runs, pending = collect_cifar(
@@ -416,7 +460,11 @@ def main(argv=None) -> dict[str, Any]:
         )
     else:
         out_dir = common.results_dir(RESULTS_DIR, args.out)
-        runs, pending = collect(args, workdir_root, run_missing=not args.aggregate_only), []
+        committed, runs_prov = committed_runs(out_dir)
+        runs = collect(args, workdir_root, not args.aggregate_only, committed)
+        pending = []
+        if not any(r in committed.values() for r in runs):
+            runs_prov = None
     rows = gap_rows(runs)
     diff = gap_difference(rows)
     prov = common.provenance()
@@ -437,10 +485,13 @@ def main(argv=None) -> dict[str, Any]:
     }
     if cifar:
         results["pending"] = pending
+    elif runs_prov is not None:  # runs read from the committed results.json: how they were made
+        results["runs_provenance"] = runs_prov
     diff_line = (
         f"Difference of the gaps (sdjax - torch): {common.pct(diff['diff'])} pp, 95% interval "
-        f"[{common.pct(diff['low'])}, {common.pct(diff['high'])}] (t interval from the two Welch standard "
-        f"errors, Satterthwaite df {diff['df']:.1f}).\n\n"
+        f"[{common.pct(diff['low'])}, {common.pct(diff['high'])}] (unpaired between frameworks: t "
+        f"interval from the two paired gaps' standard errors, Satterthwaite df {diff['df']:.1f})."
+        "\n\n"
         if diff
         else ""
     )
@@ -457,9 +508,9 @@ def main(argv=None) -> dict[str, Any]:
             "weight decay 1e-4 on all parameters, lr 0.1, 1-epoch linear warm-up, /10 at 50% and "
             "75%, batch 64, pad-1 crops); constant depth vs stochastic depth linear to 0.5, batch "
             "mode, eval-time scaling by the survival probability. Test error on the 360-image "
-            "digits test split after the last epoch. Gap = mean(SD) - mean(constant) in "
-            "percentage points; intervals: 95% Welch t interval on the difference of means, and "
-            "a percentile bootstrap (10,000 resamples, each sample resampled separately).\n\n"
+            "digits test split after the last epoch. "
+            + ANALYSIS
+            + "\n\n"
             + gap_table(rows)
             + "\n"
             + diff_line
@@ -467,6 +518,12 @@ def main(argv=None) -> dict[str, Any]:
             + runs_table(runs)
         )
         note = "- Runs pinned to one core (`taskset -c 1`, torch with 1 thread)\n"
+        if runs_prov is not None:
+            note += (
+                f"- The runs were recorded by `{runs_prov['command']}` ({runs_prov['date_utc']}, "
+                f"git commit `{runs_prov['git_commit']}`; `results.json`: `runs_provenance`); "
+                "this table is regenerated from them by the command above, nothing retrained\n"
+            )
     md = common.write_report(out_dir, results, md, note)
     print(md)
     return results
