@@ -171,6 +171,29 @@ def test_cifar10_short_summary():
         ("constant", "1", "4.00", "0.0%"),
         ("stochastic depth", "1", "3.00", "25.0%"),
     ]
+    # Total time saved beside the steady state; the error gap is paired (one seed: no interval).
+    assert [r[7] for r in body] == ["0.0%", "20.0%"]
+    assert body[1][8] == "-1.00 (n=1: no interval)"
+
+
+def test_cifar10_short_reuses_the_committed_runs_of_the_former_config_default():
+    """The runner plans `configs/cifar10_sd.py:recipe=sdjax`; the committed runs (made with
+    `--config=configs/cifar10_sd.py` before it defaulted to the paper's recipe) still match."""
+    import json
+
+    saved = json.loads((cifar10_short.RESULTS_DIR / "results.json").read_text())
+    args = cifar10_short.parse_args(["--depth=20", "--epochs=12", "--cpu_devices=2",
+                                     "--data_dir=/work/shared/data/tfds"])  # fmt: skip
+    base = cifar10_short.base_overrides(args)
+    for variant, overrides in cifar10_short.variants(0.5).items():
+        planned = common.train_command(
+            cifar10_short.CONFIG, "/elsewhere", {**base, **overrides, "seed": 0}
+        )
+        assert "--config=configs/cifar10_sd.py:recipe=sdjax" in planned
+        run = cifar10_short.committed_run(saved["runs"], variant, 0, planned)
+        assert run is not None
+        assert run["epoch_time_s"] == common.steady_epoch_time(run["curves"]["epoch_time_s"])
+    assert cifar10_short.committed_run(saved["runs"], "constant", 1, planned) is None
 
 
 def test_survival_sweep_commands_and_curves(tmp_path):
