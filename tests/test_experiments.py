@@ -136,6 +136,10 @@ def test_digits_depth_aggregate_and_table():
     body = _body(table)
     assert [r[0] for r in body] == ["constant", "linear"]
     assert body[1][1:4] == ["40.2 / 54", "2", common.format_mean_std([0.03, 0.03], scale=100)]
+    # Paired gap to constant: per-seed differences -0.01 and -0.03, t interval on 1 df.
+    assert rows[1]["gap"]["differences"] == pytest.approx([-0.01, -0.03])
+    assert rows[1]["gap"]["df"] == 1.0 and rows[0]["gap"] is None
+    assert body[0][-1] == "—" and body[1][-1].startswith("-2.00 [")
     assert digits_depth.variant_overrides("constant", 0.5) == {"model.final_drop_rate": 0.0}
     assert digits_depth.variant_overrides("uniform", 0.5)["model.drop_schedule"] == "uniform"
     with pytest.raises(ValueError, match="variant"):
@@ -148,11 +152,26 @@ def test_digits_curves_mean_curves():
     curves = digits_curves.mean_curves(RUNS)
     assert curves["constant"]["test_error_mean"] == pytest.approx([0.15, 0.05])
     assert curves["linear"]["train_loss_mean"] == [1.0, 0.5]
-    body = _body(digits_curves.results_table(curves))
+    body = _body(digits_curves.results_table(curves, digits_curves.final_gaps(RUNS)))
+    assert body[1][-1].startswith("-2.00 [") and body[0][-1] == "—"
     assert [r[:3] for r in body] == [
         ["constant", "2", common.format_mean_std([0.04, 0.06], scale=100)],
         ["linear", "2", common.format_mean_std([0.03, 0.03], scale=100)],
     ]
+
+
+def test_digits_depth_regenerates_from_the_committed_runs(tmp_path):
+    """`--aggregate_only` finds every committed run by its command and trains nothing."""
+    import shutil
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(digits_depth.RESULTS_DIR / "results.json", out / "results.json")
+    results = digits_depth.main(["--depth=32", "--epochs=15", "--seeds=5", "--aggregate_only",
+                                 f"--workdir_root={tmp_path / 'none'}", f"--out={out}"])  # fmt: skip
+    assert results["missing"] == [] and len(results["runs"]) == 15
+    assert "runs_provenance" in results
+    assert "paired analysis" in (out / "results.md").read_text()
 
 
 def test_cifar10_short_summary():

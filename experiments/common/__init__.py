@@ -385,6 +385,34 @@ def write_report(
     return md
 
 
+def committed_runs(out_dir: str | os.PathLike) -> tuple[list[dict[str, Any]], dict | None]:
+    """The `runs` of a study's committed `out_dir/results.json` and the provenance of the call
+    that recorded them (its `runs_provenance` if it was itself regenerated, else `provenance`);
+    `([], None)` without the file. What a study's `--aggregate_only` regenerates its tables from
+    when the runs' workdirs are gone."""
+    path = pathlib.Path(out_dir) / "results.json"
+    if not path.exists():
+        return [], None
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    return saved.get("runs", []), saved.get("runs_provenance", saved.get("provenance"))
+
+
+def find_run(
+    runs: Sequence[dict[str, Any]], variant: str, seed: int, planned: Sequence[str]
+) -> dict[str, Any] | None:
+    """The run of (`variant`, `seed`) whose `command` is `planned` up to `--workdir`, or None."""
+
+    def key(argv: Sequence[str]) -> list[str]:
+        return [a for a in argv if not a.startswith("--workdir=")]
+
+    for run in runs:
+        if (run["variant"], run["seed"]) == (variant, seed) and key(
+            shlex.split(run["command"])
+        ) == key(planned):
+            return run
+    return None
+
+
 def claim(workdir: str | os.PathLike) -> bool:
     """Takes `workdir` for this process; False while another live process holds it.
 

@@ -11,6 +11,9 @@ Each run is `python -m sdjax.main --config=configs/digits_sd.py --workdir=... --
 (the exact commands are in results.json); finished runs are reused, interrupted ones resume. Reports
 test error (mean ± std over seeds), total training wall-clock time (`train_time_s`: compilation,
 evaluation and checkpoints included) and the steady-state epoch time (median epoch after the first).
+The runs of one seed share initial weights and data order whatever the variant, so each variant's
+test-error gap to constant depth is paired: the mean of the per-seed differences with a 95% t
+interval on n - 1 df.
 Experiment 4 (`experiments/digits_curves/run.py`) draws the training curves from the same runs.
 
 Full run (about 75-90 minutes on two otherwise idle CPU cores; ResNet-56 with `--depth 56`: ~45 min):
@@ -20,6 +23,12 @@ Full run (about 75-90 minutes on two otherwise idle CPU cores; ResNet-56 with `-
 Smoke run (ResNet-20, 2 epochs, 1 seed; ~3-5 minutes; writes to /tmp):
 
     python -m experiments.digits_depth.run --quick
+
+The committed tables, regenerated from the runs in the committed `results.json` (nothing trained;
+a run counts when its command is the planned one up to `--workdir`, the others are listed as
+missing):
+
+    python -m experiments.digits_depth.run --depth 32 --epochs 15 --seeds 5 --aggregate_only
 
 Outputs in `experiments/digits_depth/results/`: `results.md`, `digits_depth.png`, `results.json` (per-run
 results, per-epoch curves, commands, versions, machine). Run workdirs (checkpoints, TensorBoard) go
@@ -35,6 +44,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments import common
+from experiments.common import stats
 
 NAME = "digits_depth"
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
@@ -65,7 +75,9 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
     Returns one row per variant (in order of first appearance) with mean/std of the test error,
     the total training time and the steady epoch time, and the time relative to `constant` when
-    that variant is present.
+    that variant is present, and `gap`: the paired test-error difference to constant
+    (`stats.paired_diff_interval`: per-seed differences, t interval on n - 1 df; None for
+    constant itself or with fewer than 2 seeds having both).
     """
     groups = common.group_by_variant(runs)
     rows = []
@@ -89,6 +101,11 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row["time_vs_constant"] = (
             row["train_time_s"][0] / base["train_time_s"][0] if base is not None else None
         )
+        row["gap"] = (
+            stats.paired_diff_interval(runs, "test_error", row["variant"], "constant")
+            if base is not None and row["variant"] != "constant"
+            else None
+        )
         row["epoch_time_vs_constant"] = (
             row["epoch_time_s"][0] / base["epoch_time_s"][0]
             if base is not None and base["epoch_time_s"] and row["epoch_time_s"]
@@ -99,6 +116,15 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _pm(ms, scale=1.0, digits=2) -> str:
     return f"{ms[0] * scale:.{digits}f} ± {ms[1] * scale:.{digits}f}"
+
+
+def _gap_cell(row: dict[str, Any]) -> str:
+    g = row.get("gap")
+    if row["variant"] == "constant":
+        return "—"
+    if g is None:
+        return "n/a"
+    return f"{100 * g['diff']:+.2f} [{100 * g['low']:+.2f}, {100 * g['high']:+.2f}] (n={g['n']})"
 
 
 def results_table(rows: Sequence[dict[str, Any]], depths: dict[str, float], num_blocks: int) -> str:
@@ -116,6 +142,7 @@ def results_table(rows: Sequence[dict[str, Any]], depths: dict[str, float], num_
                 _pm(r["train_time_s"], 1, 0),
                 _pm(r["epoch_time_s"], 1, 2) if r["epoch_time_s"] else "n/a",
                 f"{r['epoch_time_vs_constant']:.2f}" if r["epoch_time_vs_constant"] else "n/a",
+                _gap_cell(r),
             ]
         )
     return common.markdown_table(
@@ -128,6 +155,7 @@ def results_table(rows: Sequence[dict[str, Any]], depths: dict[str, float], num_
             "train time (s)",
             "epoch time (s)",
             "epoch time / constant",
+            "test error gap to constant (pp) [95% paired t]",
         ],
         body,
     )
@@ -174,6 +202,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--workdir_root", default=None, help="default workdirs/digits_depth")
     parser.add_argument("--out", default=None, help="default experiments/digits_depth/results")
+    parser.add_argument(
+        "--aggregate_only",
+        action="store_true",
+        help="train nothing: the tables from the runs in the committed results.json",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.depth, args.epochs, args.seeds = 20, 2, 1
@@ -192,7 +225,8 @@ def main(argv=None) -> dict[str, Any]:
         "train.num_epochs": args.epochs,
         "train.eval_every_epochs": 1,
     }
-    runs = []
+    runs, missing = [], []
+    committed, runs_prov = common.committed_runs(out_dir) if args.aggregate_only else ([], None)
     start = time.time()
     for seed in range(args.seeds):  # seed-major: partial results cover every variant early
         for variant in args.variants:
@@ -202,6 +236,14 @@ def main(argv=None) -> dict[str, Any]:
                 / (f"{variant}_seed{seed}")
             )
             overrides = {**base, **variant_overrides(variant, args.rate), "seed": seed}
+            if args.aggregate_only:
+                planned = common.train_command(CONFIG, workdir, overrides)
+                run = common.find_run(committed, variant, seed, planned)
+                if run is None:
+                    missing.append({"variant": variant, "seed": seed})
+                else:
+                    runs.append(run)
+                continue
             result = common.train_run(CONFIG, workdir, overrides)
             runs.append({"variant": variant, "seed": seed, **result})
             print(
@@ -226,21 +268,41 @@ def main(argv=None) -> dict[str, Any]:
         "expected_active_blocks": depths,
         "summary": rows,
         "runs": runs,
+        "missing": missing,
         "provenance": prov,
     }
+    if runs_prov is not None:  # the runs were read from the committed results.json
+        results["runs_provenance"] = runs_prov
     plot(out_dir / f"{NAME}.png", runs, title)
+    note = (
+        f"- The runs were recorded by `{runs_prov['command']}` ({runs_prov['date_utc']}, git "
+        f"commit `{runs_prov['git_commit']}`); this table is regenerated from them by the "
+        "command above, nothing retrained\n"
+        if runs_prov is not None
+        else ""
+    )
     md = common.write_report(
         out_dir,
         results,
         f"# Experiment 1: constant vs stochastic depth on digits\n\n{title}. Config "
         f"`{CONFIG}` (SGD, Nesterov, step schedule, batch mode, `scale_by_keep=False`); test set: "
         "the fixed 360-image digits split. Test error after the last epoch, mean ± std over seeds. "
+        "Gap to constant: **paired analysis** (the runs of one seed share initial weights and "
+        "data order), the mean of the per-seed differences with a 95% t interval on n - 1 df; "
+        "all seeds reported, none excluded. "
         "Train time = the trainer's `train_time_s` (compilation, per-epoch evaluation and checkpoints "
         "included); epoch time = median epoch time after the first epoch.\n\n"
         + results_table(rows, depths, num_blocks)
         + f"\n![test error and epoch time]({NAME}.png)\n\n"
         "Per-run commands are in `results.json` (`runs[*].command`); curves: "
-        "`experiments/digits_curves/run.py`.\n",
+        "`experiments/digits_curves/run.py`.\n"
+        + (
+            "\n## Missing runs (no committed record with the planned command)\n\n"
+            + "".join(f"- {m['variant']}, seed {m['seed']}\n" for m in missing)
+            if missing
+            else ""
+        ),
+        note,
     )
     print(md)
     return results
