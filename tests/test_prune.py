@@ -9,7 +9,6 @@ import functools
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -60,16 +59,30 @@ def tiny(name, **overrides):
     return model, images
 
 
+def random_variables(model, images, seed=0):
+    """Random host (NumPy) variables of ``model``'s structure: nothing is compiled (a jitted
+    ``init`` costs seconds per model on CPU). Kernels ~ N(0, 1 / fan_in), norm scales and
+    LayerScale around 1, biases, embeddings and BatchNorm means small, variances in [0.5, 2]."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, shape):
+        name, shape = path[-1].key, shape.shape
+        if name == "kernel":
+            return rng.normal(0, shape[-2] ** -0.5, shape).astype(np.float32)
+        if name in ("scale", "layer_scale"):
+            return rng.uniform(0.5, 1.5, shape).astype(np.float32)
+        if name == "var":
+            return rng.uniform(0.5, 2.0, shape).astype(np.float32)
+        return rng.normal(0, 0.1, shape).astype(np.float32)
+
+    shapes = jax.eval_shape(model.init, jax.random.key(0), images)
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
 @functools.cache
 def variables_of(name):
-    """Random parameters, and BatchNorm statistics away from their initial (0, 1)."""
     model, images = tiny(name)
-    variables = jax.jit(model.init)(jax.random.key(0), images)
-    if "batch_stats" in variables:
-        variables["batch_stats"] = jax.tree_util.tree_map_with_path(
-            lambda path, x: x + 0.5 if path[-1].key == "var" else x - 0.1, variables["batch_stats"]
-        )
-    return variables
+    return random_variables(model, images)
 
 
 def _zero_layer(tree, path):
@@ -77,12 +90,12 @@ def _zero_layer(tree, path):
     node = tree
     for part in parents:
         node = node[part]
-    node[leaf] = jax.tree.map(jnp.zeros_like, node[leaf])
+    node[leaf] = jax.tree.map(np.zeros_like, node[leaf])
 
 
 def hand_built_reference(model, variables, images, branch_paths):
     """The unrolled model evaluated with the last layer of each listed branch set to zero."""
-    unrolled = jax.tree.map(jnp.array, scan_to_unrolled(variables))
+    unrolled = jax.tree.map(np.array, scan_to_unrolled(variables))  # a copy
     for path in branch_paths:
         _zero_layer(unrolled["params"], path)
     return jax.jit(model.clone(scan_blocks=False).apply)(unrolled, images)
@@ -143,15 +156,24 @@ def test_pruning_a_checkpoint_written_by_the_trainer(tmp_path, tiny_config):
     config = tiny_config()
     model, images = tiny("cifar_resnet20")
     tx = optim.create(config.optim, 10, 5)
-    init = functools.partial(steps.create_train_state, config, model, (8, 8, 3), tx=tx)
-    state = jax.jit(init)(jax.random.key(0))
-    state = state.replace(params=variables_of("cifar_resnet20")["params"])
+    variables = jax.device_put(variables_of("cifar_resnet20"))
+
+    def init():  # steps.create_train_state, with the variables above instead of model.init
+        return steps.TrainState.create(
+            apply_fn=model.apply,
+            params=variables["params"],
+            tx=tx,
+            batch_stats=variables["batch_stats"],
+            ema_params={},
+        )
+
+    state = init()
     model_config = {"name": "cifar_resnet20"}
     writer = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), 1, model_config)
     writer.save(3, state, {"best_accuracy": 0.0})
     writer.close()
     reader = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), 1, model_config)
-    restored, _ = reader.restore(jax.eval_shape(init, jax.random.key(0)))
+    restored, _ = reader.restore(jax.eval_shape(init))
     reader.close()
     apply = jax.jit(prune.pruned_apply(model, [8, 7]))
     got = apply({"params": restored.params, "batch_stats": restored.batch_stats}, images)
