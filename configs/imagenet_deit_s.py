@@ -19,10 +19,8 @@ random erasing 0.25 and repeated augmentation (3 repeats) -- the cosine schedule
 (``min_lr`` 1e-5; here it decays to 0), the warm-up's start (``warmup_lr`` 1e-6; here 0), and
 DeiT's evaluation crop (resize 256, center crop 224, bicubic) where the pipeline differs.
 
-**Needs AdamW in** :mod:`sdjax.optim`: ``optim.optimizer="adamw"`` (decoupled weight decay,
-``optax.adamw`` with the ``weight_decay_on="kernels"`` mask) is not one of
-``sdjax.config.OPTIMIZERS`` yet, so ``validate_fields`` rejects this config until it is added;
-everything else here validates.
+AdamW is ``optim.optimizer="adamw"`` (``optax.adamw``: decoupled weight decay, masked to
+kernels by ``weight_decay_on="kernels"``).
 """
 
 from sdjax.config import apply_arg, default_config

@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 PRNG_IMPLS = ("threefry2x32", "rbg", "unsafe_rbg")
-OPTIMIZERS = ("sgd", "rmsprop")
+OPTIMIZERS = ("sgd", "rmsprop", "adamw")
 LR_SCHEDULES = ("step", "epoch_step", "cosine", "exponential", "constant")
 NORMALIZATIONS = ("per_channel", "pixel_mean_global_std")
 WARMUP_TYPES = ("linear", "constant")
@@ -105,6 +105,9 @@ ADDED_FIELDS = {
     "input.normalization": "per_channel",
     "input.drop_remainder": True,
     "input.train_size": 0,
+    "optim.adam_b1": 0.9,
+    "optim.adam_b2": 0.999,
+    "optim.adam_eps": 1e-8,
     "model.conv_padding": "same",
     "model.conv_init": "he_fan_out",
     "model.head_init": "lecun_normal",
@@ -260,6 +263,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.warmup_factor = 0.1
     c.optim.rmsprop_decay = 0.9
     c.optim.rmsprop_eps = 1e-3
+    c.optim.adam_b1 = 0.9
+    c.optim.adam_b2 = 0.999
+    c.optim.adam_eps = 1e-8
     c.optim.ema_decay = 0.0
     c.optim.label_smoothing = 0.0
 

@@ -5,6 +5,10 @@
   the paper's code). ``weight_decay_on="all"`` decays every parameter (the paper's Torch code),
   ``"kernels"`` only conv/dense kernels (parameters named ``kernel``).
 * ``rmsprop``: the EfficientNet recipe (decay 0.9, eps 1e-3, momentum 0.9) with the same L2 decay.
+* ``adamw``: Adam (``adam_b1``, ``adam_b2``, ``adam_eps``) with DECOUPLED weight decay
+  (``optax.adamw``: ``weight_decay * learning_rate * param`` subtracted after the Adam update,
+  not added to the gradient), masked by ``weight_decay_on`` as above (DeiT / timm:
+  ``"kernels"``, i.e. no decay of biases, LayerNorm parameters, position embedding, class token).
 * Schedules (step -> learning rate): ``step`` (multiply by ``decay_factor`` at each fraction in
   ``boundaries`` of the total steps; the paper's /10 at 50% and 75%), ``epoch_step`` (the same
   drops by whole epochs, as the paper's ``main.lua``: 1-based epoch ``e`` of ``E`` trains at
@@ -121,6 +125,15 @@ def create(
 
     @optax.inject_hyperparams
     def make(learning_rate):
+        if optim_config.optimizer == "adamw":
+            return optax.adamw(
+                learning_rate,
+                b1=optim_config.get("adam_b1", 0.9),
+                b2=optim_config.get("adam_b2", 0.999),
+                eps=optim_config.get("adam_eps", 1e-8),
+                weight_decay=optim_config.weight_decay,
+                mask=mask,
+            )
         parts = []
         if optim_config.weight_decay > 0:
             parts.append(optax.add_decayed_weights(optim_config.weight_decay, mask=mask))
