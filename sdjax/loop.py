@@ -6,7 +6,7 @@ evaluates every ``eval_every_epochs`` epochs (test error at the best validation 
 the paper), checkpoints periodically and on SIGTERM, stops on a NaN/inf loss or state without
 saving it, and writes ``workdir/results.json``. What changes over the loop lives in one
 :class:`LoopState`; metric buffering, evaluation, saving and the results are the named
-functions below.
+functions below, which share one :class:`Run` (the trainer, the loop state, the writers).
 
 What a rerun reproduces: the same config, seed and device count give bitwise-identical train
 states (every checkpoint), ``metrics.jsonl`` records without the wall-clock fields
@@ -37,7 +37,7 @@ from sdjax import runtime
 from sdjax import trainer as trainer_lib
 from sdjax.preemption import Preemption
 
-__all__ = ["TIMING_METRICS", "TIMING_RESULTS", "LoopState", "train_and_evaluate"]
+__all__ = ["TIMING_METRICS", "TIMING_RESULTS", "LoopState", "Run", "train_and_evaluate"]
 
 TIMING_METRICS = ("examples_per_s", "epoch_time_s")
 """Wall-clock fields of ``metrics.jsonl`` records (the only ones that differ between reruns)."""
@@ -89,6 +89,23 @@ class LoopState:
         return self.time_offset + time.time() - self.run_start
 
 
+@dataclasses.dataclass
+class Run:
+    """What the loop's helpers share.
+
+    Attributes:
+      trainer: what :func:`sdjax.trainer.build` made (its ``state`` advances over the loop).
+      loop: the :class:`LoopState`.
+      writer: the metric writer (``metrics.jsonl``, TensorBoard; ``sdjax.metrics``).
+      progress: the progress bar / progress lines (``sdjax.metrics.ProgressBar``).
+    """
+
+    trainer: trainer_lib.Trainer
+    loop: LoopState
+    writer: Any
+    progress: Any
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -137,6 +154,7 @@ def train_and_evaluate(
             _write_json(os.path.join(workdir, "config.json"), config.to_dict())
         progress.message(_start_line(trainer, start))
         loop = LoopState.resume(trainer.meta, start)
+        run = Run(trainer, loop, writer, progress)
         batches = trainer.data.train_iterator(
             config.seed, start, config.train.batch_size, jax.process_index(), jax.process_count()
         )
@@ -148,30 +166,30 @@ def train_and_evaluate(
                 done = step + 1
                 epoch_end, is_last = done % spe == 0, done == total
                 if done % config.train.log_every_steps == 0 or epoch_end or is_last:
-                    flush_metrics(trainer, loop, writer, progress, done)
+                    flush_metrics(run, done)
                 if epoch_end:
                     seconds = time.time() - loop.epoch_start
                     writer.write_scalars(done, {"epoch_time_s": seconds})
                     if (done // spe) % config.train.eval_every_epochs == 0 or is_last:
-                        evaluate(trainer, loop, writer, done, done // spe)
+                        evaluate(run, done, done // spe)
                     progress.epoch_end(done, _epoch_scalars(loop), seconds)
                     loop.epoch_train, loop.epoch_start = {}, time.time()
                 elif is_last:
-                    evaluate(trainer, loop, writer, done, done / spe)
+                    evaluate(run, done, done / spe)
                     progress.epoch_end(done, _epoch_scalars(loop), time.time() - loop.epoch_start)
                 if preemption.reached(done):
-                    save(trainer, loop, writer, progress, done)
+                    save(run, done)
                     logging.warning("Preempted: saved step %d; rerun the same command.", done)
                     return {"preempted": True, "steps": done, "saved": True}
                 if epoch_end or is_last or done % config.train.checkpoint_every_steps == 0:
-                    save(trainer, loop, writer, progress, done)
+                    save(run, done)
             if not loop.eval_metrics:  # resumed a run that was saved at its last step
-                evaluate(trainer, loop, writer, total, total / spe)
+                evaluate(run, total, total / spe)
             trainer.checkpointer.wait()
         finally:
             progress.close()
             writer.flush()
-        results = make_results(trainer, loop, command)
+        results = make_results(run, command)
         if is_main:
             _write_json(os.path.join(workdir, "results.json"), results)
         return results
@@ -187,12 +205,13 @@ def _to_global(batch: dict[str, np.ndarray], sharding: Any) -> dict[str, jax.Arr
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
-def flush_metrics(trainer, loop: LoopState, writer, progress, step: int) -> None:
+def flush_metrics(run: Run, step: int) -> None:
     """Fetches the pending step metrics, stops on a NaN/inf loss or state, writes their means.
 
     Raises:
       FloatingPointError: a pending step had a non-finite loss or produced a non-finite state.
     """
+    trainer, loop = run.trainer, run.loop
     if not loop.pending:
         return
     values = jax.device_get(loop.pending)
@@ -225,8 +244,8 @@ def flush_metrics(trainer, loop: LoopState, writer, progress, step: int) -> None
         weight = 1.0 if name == "loss" else len(values)
         loop.epoch_train[name] = loop.epoch_train.get(name, 0.0) + float(value) * weight
     loop.epoch_train["steps"] = loop.epoch_train.get("steps", 0.0) + len(values)
-    writer.write_scalars(step, scalars)
-    progress.update(step, loss=scalars["train_loss"])
+    run.writer.write_scalars(step, scalars)
+    run.progress.update(step, loss=scalars["train_loss"])
 
 
 def _start_line(trainer, start: int) -> str:
@@ -270,8 +289,9 @@ def _evaluate_split(trainer, split: str) -> dict[str, float]:
     }
 
 
-def evaluate(trainer, loop: LoopState, writer, step: int, epoch: float) -> None:
+def evaluate(run: Run, step: int, epoch: float) -> None:
     """Evaluates validation (if any) and test, updates the best-validation bookkeeping."""
+    trainer, loop = run.trainer, run.loop
     has_val = len(trainer.data.val[1]) > 0
     loop.eval_metrics = _evaluate_split(trainer, "val") if has_val else {}
     loop.eval_metrics.update(_evaluate_split(trainer, "test"))
@@ -282,12 +302,13 @@ def evaluate(trainer, loop: LoopState, writer, step: int, epoch: float) -> None:
             "best_val_epoch": epoch,
             "test_accuracy_at_best_val": loop.eval_metrics["test_accuracy"],
         }
-    writer.write_scalars(step, {"epoch": epoch, **loop.eval_metrics})
+    run.writer.write_scalars(step, {"epoch": epoch, **loop.eval_metrics})
 
 
-def save(trainer, loop: LoopState, writer, progress, step: int) -> None:
+def save(run: Run, step: int) -> None:
     """Checks the pending steps (never save a non-finite state), then checkpoints ``step``."""
-    flush_metrics(trainer, loop, writer, progress, step)
+    flush_metrics(run, step)
+    trainer, loop = run.trainer, run.loop
     meta = {
         **loop.best,
         "eval_metrics": loop.eval_metrics,
@@ -309,8 +330,9 @@ def read_results(workdir: str, total_steps: int) -> dict[str, Any] | None:
     return results if complete and results.get("steps") == total_steps else None
 
 
-def make_results(trainer, loop: LoopState, command: str | None) -> dict[str, Any]:
+def make_results(run: Run, command: str | None) -> dict[str, Any]:
     """The ``results.json`` payload of a finished run."""
+    trainer, loop = run.trainer, run.loop
     config, total, best = trainer.config, trainer.total_steps, loop.best
     return {
         "test_accuracy": loop.eval_metrics["test_accuracy"],

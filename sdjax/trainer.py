@@ -1,12 +1,13 @@
-"""Builds everything a run needs, once, and checks it before anything compiles.
+"""Checks a run, then builds everything it needs, once, before anything compiles.
 
-:func:`build` turns a config and a workdir into a :class:`Trainer`: the data, the model, the
-optimizer, the mesh, the train state (restored from ``workdir/checkpoints`` when there is one),
-the jitted train and eval steps and the checkpointer. Every check runs on those objects, before
-the first ``jax.jit`` call: the config's fields, the process set-up, the model's own fields, the
-dataset on disk and its classes, the batch sizes vs the devices, the images vs the model and
-the latest checkpoint vs this run (model, parameter shapes, step, trajectory-changing config
-fields) -- all by ``jax.eval_shape``, nothing computed -- and last that the workdir is writable.
+:func:`check` looks at a config without loading data or compiling: its fields, the process
+set-up, the model's own fields, the dataset on disk and its classes, the batch sizes vs the
+devices and the images vs the model (``jax.eval_shape``, nothing computed). :func:`build` runs
+:func:`check`, then turns the config and a workdir into a :class:`Trainer`: the data, the model,
+the optimizer, the mesh, the train state (restored from ``workdir/checkpoints`` when there is
+one), the jitted train and eval steps and the checkpointer. Before the first ``jax.jit`` call it
+also compares the latest checkpoint with this run (model, parameter shapes, step,
+trajectory-changing config fields; metadata only) and last checks that the workdir is writable.
 A failed check raises one ``ValueError`` naming the field, the value and the allowed values,
 and leaves the workdir as it was.
 """
@@ -242,28 +243,45 @@ def check(
     workdir: str | None = None,
     *,
     device_count: int | None = None,
-) -> None:
-    """Checks ``config`` without loading the data or compiling anything.
+) -> Any:
+    """Checks ``config`` without loading the data or compiling anything (the module docstring).
 
-    Checks the config's fields, the model's own fields, the dataset on disk (its classes and
-    sizes), the batch sizes vs ``device_count`` (default ``jax.device_count()``) and that the
-    images fit the model (``jax.eval_shape``); ``workdir``, if given, must be writable.
+    Args:
+      config: see ``sdjax.config.default_config``.
+      workdir: if given, it must exist or be creatable, and be writable. Its checkpoint is
+        compared with the run by :func:`build`, which knows the run's length.
+      device_count: check the batch sizes for this many devices instead of this process's
+        ``jax.device_count()``; the process set-up (``sdjax.runtime.check_ready``) is then not
+        checked (the config is meant for another machine).
+
+    Returns:
+      The model (:func:`create_model`), checked against the dataset's images; :func:`build`
+      trains this object.
 
     Raises:
       ValueError: naming the field, the value and the allowed values.
     """
     config_lib.validate_fields(config)
+    if device_count is None:
+        runtime.check_ready(config)
     model = create_model(config)
     info = data_lib.check_available(config.input)
     _check_data(config, info, device_count)
-    tx = optim.create(config.optim, 1, 1)
-    _abstract_state(config, model, info.image_shape, tx, jax.random.key(0), None)
+    tx = optim.create(config.optim, 1, 1)  # the state's shapes do not depend on the schedule
+    _abstract_state(config, model, info.image_shape, tx, _keys(config)[0], None)
     if workdir is not None:
         config_lib.validate_workdir(workdir)
+    return model
+
+
+def _keys(config: ml_collections.ConfigDict) -> tuple[jax.Array, jax.Array]:
+    """The run's init key and train key, both from ``config.seed``."""
+    seed_key = jax.random.key(config.seed, impl=config.prng_impl)
+    return jax.random.fold_in(seed_key, 0), jax.random.fold_in(seed_key, 1)
 
 
 def build(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
-    """Builds and checks everything for ``config`` (see the module docstring).
+    """Runs :func:`check`, then builds everything for ``config`` (see the module docstring).
 
     The process must have been set up for the config (``sdjax.runtime.setup``, which
     ``python -m sdjax.main`` calls) when it asks for CPU devices or ``jax.distributed``.
@@ -273,18 +291,14 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> Trainer:
         images that do not fit the model, an incompatible checkpoint or an unwritable workdir;
         raised before anything is compiled, the workdir left as it was.
     """
-    config_lib.validate_fields(config)
-    runtime.check_ready(config)
-    model = create_model(config)
+    model = check(config)
     data = data_lib.create(config.input)
-    _check_data(config, data.info)
     steps_per_epoch = data.steps_per_epoch(config.train.batch_size)
     total_steps = _total_steps(config, steps_per_epoch)
     tx = optim.create(config.optim, total_steps, steps_per_epoch)
     mesh = runtime.create_mesh()
     replicated, batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-    seed_key = jax.random.key(config.seed, impl=config.prng_impl)
-    init_key, train_key = jax.random.fold_in(seed_key, 0), jax.random.fold_in(seed_key, 1)
+    init_key, train_key = _keys(config)
     image_shape = tuple(data.info.image_shape)
     init, abstract = _abstract_state(config, model, image_shape, tx, init_key, replicated)
     directory, model_config = os.path.join(workdir, "checkpoints"), _json(config.model.to_dict())
