@@ -18,10 +18,13 @@ computes the convolution with formulations XLA:CPU handles well:
 Other backends (GPU/TPU) keep the stock `lax.conv_general_dilated` with
 ``impl="auto"``. No randomness is involved anywhere in this module.
 
-Limitations: forward-mode differentiation (`jax.jvp`, `jax.jacfwd`) of the fast
+Limitations: forward-mode differentiation (`jax.jvp`, `jax.jacfwd`) of the custom-VJP
 path is not supported (it is a `custom_vjp`); reverse-over-reverse works but is
 not tuned or required. Grouped convolutions other than depthwise fall back to
-`lax.conv_general_dilated` even with ``impl="fast"``.
+`lax.conv_general_dilated` even with ``impl="xla_custom_vjp"``.
+
+``impl="xla_custom_vjp"`` names these formulations: XLA convolutions and matrix products under a
+`jax.custom_vjp` (called ``"fast"`` before 0.2.0; ``"onednn"`` is faster where it is available).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from jax import lax
 
 __all__ = ["IMPLS", "conv2d", "resolve_impl"]
 
-IMPLS = ("auto", "fast", "xla", "onednn")
+IMPLS = ("auto", "xla_custom_vjp", "xla", "onednn")
 """Valid values of `conv2d`'s ``impl`` argument."""
 
 PaddingLike = str | Sequence[Sequence[int]]
@@ -52,10 +55,10 @@ def resolve_impl(impl: str) -> str:
       impl: one of `IMPLS`.
 
     Returns:
-      ``"onednn"``, ``"fast"`` or ``"xla"``. ``"auto"`` is ``"onednn"`` when
+      ``"onednn"``, ``"xla_custom_vjp"`` or ``"xla"``. ``"auto"`` is ``"onednn"`` when
       `jax.default_backend()` is ``"cpu"`` and the oneDNN route is available
       (`sdjax.onednn.available`; ``SDJAX_ONEDNN=0`` in the environment turns this
-      off), else ``"fast"`` on CPU and ``"xla"`` on other backends. Decided on the host
+      off), else ``"xla_custom_vjp"`` on CPU and ``"xla"`` on other backends. Decided on the host
       (at trace time); the first call may build the oneDNN handlers (seconds, once).
 
     Raises:
@@ -66,7 +69,7 @@ def resolve_impl(impl: str) -> str:
     if impl == "auto":
         if jax.default_backend() != "cpu":
             return "xla"
-        return "onednn" if _auto_onednn() else "fast"
+        return "onednn" if _auto_onednn() else "xla_custom_vjp"
     return impl
 
 
@@ -102,9 +105,9 @@ def conv2d(
       feature_group_count: number of channel groups, dividing ``C_in`` and ``C_out``.
         ``1`` is a regular convolution, ``C_in`` a depthwise one (any channel
         multiplier ``C_out // C_in``). Other values use `lax.conv_general_dilated`.
-      impl: ``"auto"`` (on CPU: oneDNN when available, else the fast path; the stock
-        XLA convolution on other backends, see `resolve_impl`), ``"fast"`` (always the
-        fast path), ``"xla"`` (always `lax.conv_general_dilated`) or ``"onednn"``
+      impl: ``"auto"`` (on CPU: oneDNN when available, else the custom-VJP path; the stock
+        XLA convolution on other backends, see `resolve_impl`), ``"xla_custom_vjp"`` (always the
+        custom-VJP path), ``"xla"`` (always `lax.conv_general_dilated`) or ``"onednn"``
         (oneDNN kernels through XLA FFI custom calls, `sdjax.onednn`; float32 and
         bfloat16, any grouping). The oneDNN route runs only where the program runs on
         CPU: it sits in a `lax.platform_dependent` whose other branch is the stock XLA
@@ -115,7 +118,7 @@ def conv2d(
       ``(N, H_out, W_out, C_out)`` array in the (promoted) input dtype. Values and
       gradients (with respect to ``x`` and ``kernel``) equal those of
       `lax.conv_general_dilated` up to floating-point rounding; bfloat16 inputs
-      are accumulated in float32 by the fast path.
+      are accumulated in float32 by the custom-VJP path.
 
     Raises:
       ValueError: on a bad ``impl``, ``strides``, ``padding`` or
@@ -127,7 +130,7 @@ def conv2d(
 
     Notes:
       Works under `jax.jit`, `jax.vmap`, `jax.grad`, `lax.cond`, `lax.scan` and
-      `flax.linen.scan`. The fast path is a `jax.custom_vjp` (1 x 1 convolutions
+      `flax.linen.scan`. The custom-VJP path is a `jax.custom_vjp` (1 x 1 convolutions
       are plain matrix products instead), so forward-mode autodiff
       (`jax.jvp`, `jax.jacfwd`) of it raises; use ``impl="xla"`` for that.
     """
@@ -148,7 +151,7 @@ def conv2d(
     if resolved == "onednn":
         if _onednn_takes(impl, dtype, x.shape, kernel.shape, strides, pads, groups):
             return _onednn_conv(x, kernel, strides, pads, groups)
-        resolved = "fast"
+        resolved = "xla_custom_vjp"
     in_channels = x.shape[-1]
     depthwise = groups == in_channels and kernel.shape[2] == 1 and groups > 1
     if resolved == "xla" or (groups != 1 and not depthwise):
@@ -157,7 +160,7 @@ def conv2d(
         return _depthwise_conv(x, kernel, strides, pads)
     if kernel.shape[:2] == (1, 1):
         return _pointwise_conv(x, kernel, strides, pads)
-    return _conv_fast(x, kernel, strides, pads)
+    return _conv_custom_vjp(x, kernel, strides, pads)
 
 
 def _xla_conv(x, kernel, strides, pads, groups):
@@ -302,7 +305,7 @@ def _explicit_padding(padding: PaddingLike, in_hw, kernel_hw, strides) -> _Pads:
 
 
 # ----------------------------------------------------------------------------------------------
-# Helpers shared by the fast path.
+# Helpers shared by the custom-VJP path.
 
 
 def _out_size(padded: int, k: int, s: int) -> int:
@@ -441,7 +444,7 @@ _depthwise_conv.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_fast(x, kernel, strides, pads):
+def _conv_custom_vjp(x, kernel, strides, pads):
     return _conv_forward(x, kernel, strides, pads)
 
 
@@ -451,11 +454,11 @@ def _conv_forward(x, kernel, strides, pads):
     )
 
 
-def _conv_fast_fwd(x, kernel, strides, pads):
+def _conv_custom_vjp_fwd(x, kernel, strides, pads):
     return _conv_forward(x, kernel, strides, pads), (x, kernel)
 
 
-def _conv_fast_bwd(strides, pads, residuals, g):
+def _conv_custom_vjp_bwd(strides, pads, residuals, g):
     x, kernel = residuals
     dkernel = _conv_transpose_rhs(x, g, kernel.shape[:2], strides, pads)
     dx = _conv_transpose_lhs(g, kernel, x.shape, strides, pads)
@@ -512,4 +515,4 @@ def _conv_transpose_lhs(g, kernel, x_shape, strides, pads):
     )
 
 
-_conv_fast.defvjp(_conv_fast_fwd, _conv_fast_bwd)
+_conv_custom_vjp.defvjp(_conv_custom_vjp_fwd, _conv_custom_vjp_bwd)

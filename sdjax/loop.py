@@ -10,7 +10,7 @@ functions below, which share one :class:`Run` (the trainer, the loop state, the 
 
 What a rerun reproduces: the same config, seed and device count give bitwise-identical train
 states (every checkpoint), ``metrics.jsonl`` records without the wall-clock fields
-(:data:`TIMING_METRICS`) and ``results.json`` without :data:`TIMING_RESULTS`; a run killed at
+(:data:`TIMING_METRICS`) and ``results.json`` without :data:`INVOCATION_RESULTS`; a run killed at
 any point and rerun with the same command ends with the same train state, per-step train
 metrics and results as an uninterrupted one.
 """
@@ -37,11 +37,11 @@ from sdjax import runtime
 from sdjax import trainer as trainer_lib
 from sdjax.preemption import Preemption
 
-__all__ = ["TIMING_METRICS", "TIMING_RESULTS", "LoopState", "Run", "train_and_evaluate"]
+__all__ = ["TIMING_METRICS", "INVOCATION_RESULTS", "LoopState", "Run", "train_and_evaluate"]
 
 TIMING_METRICS = ("examples_per_s", "epoch_time_s")
 """Wall-clock fields of ``metrics.jsonl`` records (the only ones that differ between reruns)."""
-TIMING_RESULTS = ("train_time_s", "command", "host_malloc_applied")
+INVOCATION_RESULTS = ("train_time_s", "command", "host_malloc_applied")
 """Fields of ``results.json`` that depend on the invocation, not on the run's numbers."""
 
 
@@ -138,7 +138,11 @@ def train_and_evaluate(
     trainer = None
     try:
         trainer = trainer_lib.build(config, workdir)
-        start, total, spe = trainer.start_step, trainer.total_steps, trainer.steps_per_epoch
+        start, total, steps_per_epoch = (
+            trainer.start_step,
+            trainer.total_steps,
+            trainer.steps_per_epoch,
+        )
         finished = read_results(workdir, total) if start == total else None
         if finished is not None or preemption.reached(start):
             return finished or {"preempted": True, "steps": start, "saved": False}
@@ -148,7 +152,7 @@ def train_and_evaluate(
         tensorboard = config.train.get("tensorboard", True)  # clu and TensorFlow only if True
         writer = metrics_lib.create_writer(workdir, is_main, start, tensorboard)
         progress = metrics_lib.ProgressBar(
-            total, start, spe, config.train.progress_bar, show=is_main
+            total, start, steps_per_epoch, config.train.progress_bar, show=is_main
         )
         if is_main and start == 0:
             _write_json(os.path.join(workdir, "config.json"), config.to_dict())
@@ -164,18 +168,18 @@ def train_and_evaluate(
                 trainer.state, metrics = trainer.train_fn(trainer.state, batch, trainer.train_key)
                 loop.pending.append(metrics)
                 done = step + 1
-                epoch_end, is_last = done % spe == 0, done == total
+                epoch_end, is_last = done % steps_per_epoch == 0, done == total
                 if done % config.train.log_every_steps == 0 or epoch_end or is_last:
                     flush_metrics(run, done)
                 if epoch_end:
                     seconds = time.time() - loop.epoch_start
                     writer.write_scalars(done, {"epoch_time_s": seconds})
-                    if (done // spe) % config.train.eval_every_epochs == 0 or is_last:
-                        evaluate(run, done, done // spe)
+                    if (done // steps_per_epoch) % config.train.eval_every_epochs == 0 or is_last:
+                        evaluate(run, done, done // steps_per_epoch)
                     progress.epoch_end(done, _epoch_scalars(loop), seconds)
                     loop.epoch_train, loop.epoch_start = {}, time.time()
                 elif is_last:
-                    evaluate(run, done, done / spe)
+                    evaluate(run, done, done / steps_per_epoch)
                     progress.epoch_end(done, _epoch_scalars(loop), time.time() - loop.epoch_start)
                 if preemption.reached(done):
                     save(run, done)
@@ -184,7 +188,7 @@ def train_and_evaluate(
                 if epoch_end or is_last or done % config.train.checkpoint_every_steps == 0:
                     save(run, done)
             if not loop.eval_metrics:  # resumed a run that was saved at its last step
-                evaluate(run, total, total / spe)
+                evaluate(run, total, total / steps_per_epoch)
             trainer.checkpointer.wait()
         finally:
             progress.close()
@@ -252,11 +256,11 @@ def _start_line(trainer, start: int) -> str:
     """What the run is about to do: where it starts and on which devices."""
     devices = jax.devices()
     where = f"{len(devices)} {devices[0].platform} device(s), {jax.process_count()} process(es)"
-    spe = trainer.steps_per_epoch
+    steps_per_epoch = trainer.steps_per_epoch
     if start == 0:
-        return f"training {trainer.total_steps} steps ({spe} per epoch) on {where}"
+        return f"training {trainer.total_steps} steps ({steps_per_epoch} per epoch) on {where}"
     return (
-        f"resumed from the checkpoint at step {start} (epoch {start / spe:g}) of "
+        f"resumed from the checkpoint at step {start} (epoch {start / steps_per_epoch:g}) of "
         f"{trainer.total_steps}, on {where}"
     )
 

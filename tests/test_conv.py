@@ -44,7 +44,11 @@ def test_values_and_grads_match_lax(name):
     x, kernel = _inputs(len(name), x_shape, k_shape)
     norm_strides = (strides, strides) if isinstance(strides, int) else strides
     fast = functools.partial(
-        conv.conv2d, strides=strides, padding=padding, feature_group_count=groups, impl="fast"
+        conv.conv2d,
+        strides=strides,
+        padding=padding,
+        feature_group_count=groups,
+        impl="xla_custom_vjp",
     )
     ref = functools.partial(_reference, strides=norm_strides, padding=padding, groups=groups)
     out, (dx, dk) = _values_and_grads(fast, x, kernel, seed=len(name))
@@ -62,7 +66,7 @@ def test_bfloat16_matches_lax(name):
     x, kernel = _inputs(3, x_shape, k_shape, jnp.bfloat16)
     kwargs = dict(strides=strides, padding=padding, feature_group_count=groups)
     out, (dx, dk) = _values_and_grads(
-        functools.partial(conv.conv2d, impl="fast", **kwargs), x, kernel, seed=3
+        functools.partial(conv.conv2d, impl="xla_custom_vjp", **kwargs), x, kernel, seed=3
     )
     ref_out, (ref_dx, ref_dk) = _values_and_grads(
         functools.partial(conv.conv2d, impl="xla", **kwargs), x, kernel, seed=3
@@ -74,7 +78,7 @@ def test_bfloat16_matches_lax(name):
 
 def test_mixed_dtypes_promote():
     x, kernel = _inputs(0, (1, 5, 5, 2), (3, 3, 2, 3))
-    out = conv.conv2d(x.astype(jnp.bfloat16), kernel, impl="fast")
+    out = conv.conv2d(x.astype(jnp.bfloat16), kernel, impl="xla_custom_vjp")
     assert out.dtype == jnp.float32
 
 
@@ -98,7 +102,9 @@ def test_inside_cond_and_scan(name):
         total, _ = lax.scan(body, 0.0, jnp.array([1.0, 0.5]))
         return total
 
-    value, grads = jax.jit(jax.value_and_grad(functools.partial(loss, "fast"), (0, 1)))(x, kernel)
+    value, grads = jax.jit(jax.value_and_grad(functools.partial(loss, "xla_custom_vjp"), (0, 1)))(
+        x, kernel
+    )
     ref_value, ref_grads = jax.value_and_grad(functools.partial(loss, "xla"), (0, 1))(x, kernel)
     _assert_close(value, ref_value, rtol=1e-5, atol=1e-4)
     for actual, expected in zip(grads, ref_grads, strict=True):
@@ -107,7 +113,7 @@ def test_inside_cond_and_scan(name):
 
 def test_vmap_matches_lax():
     x, kernel = _inputs(7, (3, 2, 6, 6, 2), (3, 3, 2, 4))
-    fast = jax.vmap(lambda a: conv.conv2d(a, kernel, strides=2, impl="fast"))
+    fast = jax.vmap(lambda a: conv.conv2d(a, kernel, strides=2, impl="xla_custom_vjp"))
     ref = jax.vmap(lambda a: conv.conv2d(a, kernel, strides=2, impl="xla"))
 
     @jax.jit
@@ -126,11 +132,11 @@ def test_vmap_matches_lax():
     "k_shape, groups, expected",
     [((3, 3, 4, 4), 1, "custom_vjp"), ((3, 3, 1, 4), 4, "custom_vjp"), ((1, 1, 4, 4), 1, "dot")],
 )
-def test_auto_selects_fast_path_on_cpu(k_shape, groups, expected, monkeypatch):
+def test_auto_selects_the_custom_vjp_path_on_cpu(k_shape, groups, expected, monkeypatch):
     # Without the oneDNN route (tests/test_onednn.py covers auto -> onednn).
     monkeypatch.setenv("SDJAX_ONEDNN", "0")
     assert jax.default_backend() == "cpu"
-    assert conv.resolve_impl("auto") == "fast"
+    assert conv.resolve_impl("auto") == "xla_custom_vjp"
     x, kernel = _inputs(0, (1, 6, 6, 4), k_shape)
     fn = functools.partial(conv.conv2d, feature_group_count=groups)
     top = [str(e.primitive) for e in jax.make_jaxpr(fn)(x, kernel).jaxpr.eqns]

@@ -105,7 +105,7 @@ def test_auto_uses_onednn_on_cpu_and_env_turns_it_off(monkeypatch):
     assert conv.resolve_impl("auto") == "onednn"
     assert _ffi_targets(conv.conv2d, x, kernel) == ["sdjax_onednn_conv_fwd"]
     monkeypatch.setenv("SDJAX_ONEDNN", "0")
-    assert conv.resolve_impl("auto") == "fast"
+    assert conv.resolve_impl("auto") == "xla_custom_vjp"
     # A new function: jit's cache of the one above does not see the environment.
     assert _ffi_targets(lambda a, b: conv.conv2d(a, b), x, kernel) == []
 

@@ -25,9 +25,9 @@ def unavailable(monkeypatch):
     )
 
 
-def test_auto_falls_back_to_fast_path(unavailable):
+def test_auto_falls_back_to_the_custom_vjp_path(unavailable):
     del unavailable
-    assert conv.resolve_impl("auto") == "fast"
+    assert conv.resolve_impl("auto") == "xla_custom_vjp"
     x = jnp.ones((1, 6, 6, 4))
     kernel = jnp.ones((3, 3, 4, 4))
     text = jax.jit(lambda a, b: conv.conv2d(a, b)).lower(x, kernel).as_text()
@@ -114,7 +114,7 @@ def test_auto_without_onednn_falls_back_to_xla_and_trains_with_one_hint(why, tmp
     else:
         env["CXX"] = str(tmp_path / "no-such-c++")
     result = _run_child(_TRAIN_CHILD, "model" if why == "no_onednn" else "conv", **env)
-    assert "ROUTE fast False" in result.stdout, result.stdout
+    assert "ROUTE xla_custom_vjp False" in result.stdout, result.stdout
     hints = [line for line in result.stderr.splitlines() if "sdjax.onednn:" in line]
     assert len(hints) == 1, result.stderr[-4000:]
     assert "convolutions use the XLA path" in hints[0]
@@ -130,7 +130,7 @@ def test_failed_build_is_logged_once(monkeypatch, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="sdjax.onednn"):
         assert not onednn.available()
         assert not onednn.available()
-        assert conv.resolve_impl("auto") == "fast"
+        assert conv.resolve_impl("auto") == "xla_custom_vjp"
     records = [r for r in caplog.records if r.name == "sdjax.onednn"]
     assert len(records) == 1
     assert "compiling the oneDNN handlers failed" in records[0].getMessage()

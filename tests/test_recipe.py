@@ -97,11 +97,11 @@ def test_new_fields_are_checked():
 def test_epoch_step_schedule_follows_main_lua(epochs, boundaries, changes):
     """Lua: ``if epochCounter < maxEpochs * b1 then 0.1 elseif < maxEpochs * b2 then 0.01 else
     0.001`` with the 1-based epochCounter; the rate is constant within an epoch."""
-    spe = 11  # e.g. 1,401 examples in batches of 128: 10 full batches and one of 121
-    schedule = optim.epoch_step_schedule(0.1, boundaries, 0.1, epochs, spe)
-    steps = np.arange(epochs * spe)
+    steps_per_epoch = 11  # e.g. 1,401 examples in batches of 128: 10 full batches and one of 121
+    schedule = optim.epoch_step_schedule(0.1, boundaries, 0.1, epochs, steps_per_epoch)
+    steps = np.arange(epochs * steps_per_epoch)
     rates = np.asarray(jax.vmap(schedule)(steps))
-    counter = steps // spe + 1
+    counter = steps // steps_per_epoch + 1
     expected = np.where(
         counter < epochs * boundaries[0],
         0.1,
@@ -114,12 +114,12 @@ def test_epoch_step_schedule_follows_main_lua(epochs, boundaries, changes):
 
 def test_epoch_step_schedule_is_selected_by_the_config_and_counts_partial_batches():
     config = load("cifar10_sd").optim
-    spe = pipeline.steps_per_epoch(45000, 128, drop_remainder=False)
-    assert spe == 352  # 351 batches of 128 and one of 72
-    schedule = optim.learning_rate_schedule(config, 500 * spe, spe)
-    assert float(schedule(249 * spe - 1)) == pytest.approx(0.1)
-    assert float(schedule(249 * spe)) == pytest.approx(0.01)  # epoch 250
-    assert float(schedule(374 * spe)) == pytest.approx(0.001)  # epoch 375
+    steps_per_epoch = pipeline.steps_per_epoch(45000, 128, drop_remainder=False)
+    assert steps_per_epoch == 352  # 351 batches of 128 and one of 72
+    schedule = optim.learning_rate_schedule(config, 500 * steps_per_epoch, steps_per_epoch)
+    assert float(schedule(249 * steps_per_epoch - 1)) == pytest.approx(0.1)
+    assert float(schedule(249 * steps_per_epoch)) == pytest.approx(0.01)  # epoch 250
+    assert float(schedule(374 * steps_per_epoch)) == pytest.approx(0.001)  # epoch 375
     step_schedule = optim.learning_rate_schedule(load("cifar10_sd", "recipe=sdjax").optim, 1000, 10)
     assert float(step_schedule(499)) == pytest.approx(0.1)
     assert float(step_schedule(500)) == pytest.approx(0.01)

@@ -4,7 +4,7 @@ Promises tested here (what is identical is stated in ``sdjax.loop``'s docstring)
 
 * Determinism: the same config and seed run twice give bitwise-identical train states (every
   checkpoint), ``metrics.jsonl`` records without the wall-clock fields and ``results.json``
-  without the invocation fields (``sdjax.loop.TIMING_METRICS`` / ``TIMING_RESULTS``).
+  without the invocation fields (``sdjax.loop.TIMING_METRICS`` / ``INVOCATION_RESULTS``).
 * Exact resume: a run SIGKILLed at 5 seeded random points (one before the first checkpoint, one
   inside the commit of an epoch-end checkpoint, one at an epoch boundary, two anywhere) and
   rerun with the same command after each kill ends bitwise equal to an uninterrupted run, and
@@ -192,7 +192,7 @@ def start_line(step: int) -> str:
 
 def comparable_results(workdir: pathlib.Path) -> dict:
     results = json.loads((workdir / "results.json").read_text())
-    return {k: v for k, v in results.items() if k not in loop.TIMING_RESULTS}
+    return {k: v for k, v in results.items() if k not in loop.INVOCATION_RESULTS}
 
 
 def assert_same_outcome(reference: pathlib.Path, workdir: pathlib.Path) -> None:

@@ -124,9 +124,11 @@ def _acc_dtype(dtype):
 
 
 def _package_vjp(x, kernel, strides, pads):
-    """The package's gradients (`sdjax.conv.conv2d`'s fast path) as a function of ``g``."""
+    """The package's gradients (`sdjax.conv.conv2d`'s custom-VJP path) as a function of ``g``."""
     _, vjp = jax.vjp(
-        lambda a, b: conv.conv2d(a, b, strides=strides, padding=pads, impl="fast"), x, kernel
+        lambda a, b: conv.conv2d(a, b, strides=strides, padding=pads, impl="xla_custom_vjp"),
+        x,
+        kernel,
     )
     return vjp
 

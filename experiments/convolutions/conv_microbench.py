@@ -116,7 +116,8 @@ def run(args) -> dict:
         if args.explore and groups == 1 and k_shape[0] > 1:
             variants += [(f"fast[{','.join(f)}]", f) for f in conv_formulations.formulations(pass_)]
         for label, formulation in variants:
-            impl = "xla" if label == "xla" else "fast"
+            # The label "fast" (kept in the recorded rows) is conv_impl="xla_custom_vjp".
+            impl = "xla" if label == "xla" else "xla_custom_vjp"
             fn = _make_fn(impl, stride, groups, context, pass_, formulation)
             timing = _time(fn, call_args, args.repeats, args.warmup)
             row = dict(case=name, context=context, pass_=pass_, impl=label, **timing)

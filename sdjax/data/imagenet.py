@@ -89,8 +89,8 @@ class StreamedData:
         self, seed: int, start_step: int, batch_size: int, process_index=0, process_count=1
     ) -> Iterator[dict[str, np.ndarray]]:
         local = batch_size // process_count
-        spe = self.steps_per_epoch(batch_size)
-        epoch, skip = divmod(start_step, spe)
+        steps_per_epoch = self.steps_per_epoch(batch_size)
+        epoch, skip = divmod(start_step, steps_per_epoch)
         while True:
             shuffle_seed = int(np.random.default_rng([seed, epoch, process_index]).integers(2**31))
             read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed)
@@ -102,7 +102,7 @@ class StreamedData:
                 read_config=read_config,
             )
             ds = ds.shuffle(self.input_config.shuffle_buffer, seed=shuffle_seed)
-            ds = ds.skip(skip * local).take((spe - skip) * local)
+            ds = ds.skip(skip * local).take((steps_per_epoch - skip) * local)
 
             def train_map(ex, i, shuffle_seed=shuffle_seed):
                 # i: the example's position in this host's epoch (also after a resume).

@@ -1,14 +1,14 @@
 """Deterministic batching: the data order is a pure function of ``(seed, epoch)``.
 
-With ``spe`` steps per epoch, global step ``s`` reads the examples
-``epoch_permutation(seed, s // spe, n)[(s % spe) * B : (s % spe + 1) * B]``. A resumed run (which
+With ``S`` steps per epoch, global step ``s`` reads the examples
+``epoch_permutation(seed, s // S, n)[(s % S) * B : (s % S + 1) * B]``. A resumed run (which
 knows only its step) therefore sees exactly the batches an uninterrupted run would. Each of the
 ``process_count`` hosts gathers only its contiguous slice of every global batch, which it feeds
 to ``jax.make_array_from_process_local_data``.
 
-The remainder: with ``drop_remainder=True`` (``spe = n // B``) the last ``n % B`` examples of
+The remainder: with ``drop_remainder=True`` (``S = n // B``) the last ``n % B`` examples of
 each epoch's permutation are not used in that epoch (a different remainder each epoch); with
-``drop_remainder=False`` (``spe = ceil(n / B)``, the paper's Torch code) they form the epoch's
+``drop_remainder=False`` (``S = ceil(n / B)``, the paper's Torch code) they form the epoch's
 last, smaller batch.
 
 Normalisation statistics come from the training part (after the validation hold-out):
@@ -69,8 +69,8 @@ def batch_indices(
 ) -> np.ndarray:
     """Indices of the global batch of ``step`` (``int64 [batch_size]``, or ``[n % batch_size]``
     for the last batch of an epoch with ``drop_remainder=False``); see the module docstring."""
-    spe = steps_per_epoch(num_examples, batch_size, drop_remainder)
-    epoch, i = divmod(int(step), spe)
+    epoch_steps = steps_per_epoch(num_examples, batch_size, drop_remainder)
+    epoch, i = divmod(int(step), epoch_steps)
     return epoch_permutation(seed, epoch, num_examples)[i * batch_size : (i + 1) * batch_size]
 
 

@@ -33,7 +33,7 @@ __all__ = [
     "check_input",
     "dataclass_fields",
     "model_key",
-    "override",
+    "model_default",
     "scale_rate",
 ]
 
@@ -73,8 +73,8 @@ def _check_float_dtype(value: Any, name: str) -> None:
         )
 
 
-def override(default: Any) -> Any:
-    """A model's own default for a shared field, e.g. ``num_classes: int = override(1000)``.
+def model_default(default: Any) -> Any:
+    """A model's own default for a shared field, e.g. ``num_classes: int = model_default(1000)``.
 
     The field stays keyword-only (a plain ``= 1000`` would make it the model's first positional
     argument).
@@ -118,11 +118,11 @@ class StochasticDepthFields(nn.Module, kw_only=True):
         :func:`sdjax.models.scan_to_unrolled`). False: one submodule per block.
       remat: ``nn.remat`` every block (recompute activations in the backward pass; False).
       dtype: compute dtype (e.g. ``jnp.bfloat16``); parameters stay float32, logits are float32.
-      conv_impl: ``"auto"`` | ``"fast"`` | ``"xla"`` (see :func:`sdjax.conv.conv2d`; ``"auto"``).
+      conv_impl: ``"auto"`` | ``"xla_custom_vjp"`` | ``"xla"`` | ``"onednn"`` (see :func:`sdjax.conv.conv2d`; ``"auto"``).
       input_channels: expected channels of the input images (3).
       bn_momentum / bn_epsilon: BatchNorm running-average momentum and epsilon (0.9 / 1e-5).
 
-    Subclasses define ``num_blocks``, restate a changed default with :func:`override`, and call
+    Subclasses define ``num_blocks``, restate a changed default with :func:`model_default`, and call
     ``super().__post_init__()`` after their own checks.
     """
 

@@ -68,7 +68,7 @@ class Conv(nn.Module):
       dtype: compute dtype; the input and the kernel are cast to it.
       param_dtype: dtype of the stored parameters (float32).
       kernel_init / bias_init: initializers.
-      impl: ``conv2d``'s implementation switch, ``"auto"`` | ``"fast"`` | ``"xla"``.
+      impl: ``conv2d``'s implementation switch, ``"auto"`` | ``"xla_custom_vjp"`` | ``"xla"`` | ``"onednn"``.
     """
 
     features: int

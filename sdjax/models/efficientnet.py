@@ -38,8 +38,8 @@ from sdjax.models.base import (
     StochasticDepthFields,
     check_drop_rate_scale,
     check_input,
+    model_default,
     model_key,
-    override,
 )
 from sdjax.models.blocks import ModuleDef, ResidualBlock
 from sdjax.models.stages import apply_stage
@@ -206,13 +206,13 @@ class EfficientNet(StochasticDepthFields):
     depth_coefficient: float = 1.0
     image_size: int = 224
     dropout_rate: float = 0.2
-    num_classes: int = override(1000)
-    final_drop_rate: float = override(0.2)
-    drop_schedule: str = override("efficientnet")
-    drop_mode: str = override("row")
-    scale_by_keep: bool = override(True)
-    bn_momentum: float = override(0.99)
-    bn_epsilon: float = override(1e-3)
+    num_classes: int = model_default(1000)
+    final_drop_rate: float = model_default(0.2)
+    drop_schedule: str = model_default("efficientnet")
+    drop_mode: str = model_default("row")
+    scale_by_keep: bool = model_default(True)
+    bn_momentum: float = model_default(0.99)
+    bn_epsilon: float = model_default(1e-3)
 
     def __post_init__(self):
         for field in ("width_coefficient", "depth_coefficient"):

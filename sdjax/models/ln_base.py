@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from sdjax import schedules
 from sdjax.layers import DropPathResidual
-from sdjax.models.base import StochasticDepthFields, _check_real, override
+from sdjax.models.base import StochasticDepthFields, _check_real, model_default
 from sdjax.models.conv_norm import Conv
 from sdjax.ops import check_rate
 
@@ -86,10 +86,10 @@ class LayerNormNet(StochasticDepthFields):
 
     layer_scale_init: float | None = None
     layer_norm_epsilon: float = 1e-6
-    num_classes: int = override(1000)
-    final_drop_rate: float = override(0.1)
-    drop_mode: str = override("row")
-    scale_by_keep: bool = override(True)
+    num_classes: int = model_default(1000)
+    final_drop_rate: float = model_default(0.1)
+    drop_mode: str = model_default("row")
+    scale_by_keep: bool = model_default(True)
 
     def __post_init__(self):
         try:

@@ -29,8 +29,8 @@ from sdjax.models.base import (
     StochasticDepthFields,
     check_drop_rate_scale,
     check_input,
+    model_default,
     model_key,
-    override,
 )
 from sdjax.models.blocks import ModuleDef, ResidualBlock
 from sdjax.models.stages import apply_stage
@@ -113,7 +113,7 @@ class ResNet(StochasticDepthFields):
 
     depth: int = 50
     width: int = 64
-    num_classes: int = override(1000)
+    num_classes: int = model_default(1000)
 
     def __post_init__(self):
         if self.depth not in STAGE_SIZES or isinstance(self.depth, bool):

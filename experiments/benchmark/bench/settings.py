@@ -31,7 +31,7 @@ from sdjax import layers, models
 BASE_SETTINGS = ("constant", "row", "row_subset", "batch")
 MODIFIERS = {
     "xla": {"conv_impl": "xla"},
-    "fast": {"conv_impl": "fast"},
+    "fast": {"conv_impl": "xla_custom_vjp"},  # the label of rows recorded before 0.2.0
     "scan": {"scan_blocks": True},
     "unrolled": {"scan_blocks": False},
 }
