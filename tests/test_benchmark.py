@@ -392,3 +392,96 @@ def test_torch_row_subset_runs_the_branch_on_k_samples(torch):
     assert calls == [6]  # k = max(1, round(0.6 * 10))
     kept = out[:, 0] != 0
     assert int(kept.sum()) == 6 and torch.allclose(out[kept], torch.full((6, 3), 10 / 6))
+
+
+def test_setting_rates_name_the_peer_and_the_group():
+    setting = settings.parse_setting("row_subset@0.4+scan", 0.5, "linear")
+    assert (setting.base, setting.peer, setting.variant) == (
+        "row_subset",
+        "row_subset@0.4",
+        "+scan",
+    )
+    assert setting.overrides["final_drop_rate"] == 0.4
+    assert settings.parse_setting("row", 0.5, "linear").peer == "row"
+    with pytest.raises(ValueError, match="constant depth takes no @RATE"):
+        settings.parse_setting("constant@0.1", 0.5, "linear")
+    for bad in ("row@", "row@1.5", "row@x"):
+        with pytest.raises(ValueError, match=r"@RATE must be a drop rate in \[0, 1\]"):
+            settings.parse_setting(bad, 0.5, "linear")
+    assert [analysis.variant(n) for n in ("row@0.4+scan", "row@0.1", "batch+dp")] == [
+        "@0.4+scan",
+        "@0.1",
+        "+dp",
+    ]
+    # A rate group has no constant row: its SD rows compare with the rate-less constant rows.
+    rows = [
+        _jax_row("vit_s16", "constant", 1000.0),
+        _jax_row("vit_s16", "row@0.4", 800.0),
+        _jax_row("vit_s16", "row_subset@0.4", 600.0),
+        _jax_row("vit_s16", "row@0.1", 950.0),
+        _jax_row("vit_s16", "row_subset@0.1", 1000.0),
+        _torch_row("vit_s16", "constant", 900.0),
+        _torch_row("vit_s16", "row@0.4", 700.0),
+        _torch_row("vit_s16", "row_subset@0.4", 560.0),
+    ]
+    summary = {e["variant"]: e for e in analysis.summarize_models(rows)}
+    assert list(summary) == ["", "@0.4", "@0.1"]
+    assert summary["@0.4"]["row_subset_over_row_median"] == pytest.approx(0.75)
+    assert summary["@0.4"]["row_subset_over_constant_median"] == pytest.approx(0.6)
+    assert summary["@0.4"]["torch_row_subset_over_row_median"] == pytest.approx(0.8)
+    assert summary["@0.4"]["torch_row_overhead_median"] == pytest.approx(700 / 900 - 1)
+    assert summary["@0.4"]["jax_over_torch_median"]["constant"] is None  # counted once, in ""
+    assert summary[""]["jax_over_torch_median"]["constant"] == pytest.approx(1000 / 900)
+    assert summary["@0.1"]["row_subset_over_row_median"] == pytest.approx(1000 / 950)
+
+
+def test_vit_workload_plan_and_macs():
+    args = benchmark.parse_args(["--models", "vit_s16,cifar_resnet20", "--settings", "constant"])
+    assert [(n, s.name) for n, s in benchmark.plan(args)] == [
+        ("vit_s16", "constant"),
+        ("vit_s16", "row@0.1"),
+        ("vit_s16", "row_subset@0.1"),
+        ("vit_s16", "row@0.4"),
+        ("vit_s16", "row_subset@0.4"),
+        ("cifar_resnet20", "constant"),
+    ]
+    wl = settings.workload("vit_s16", args)
+    assert (wl.batch_size, wl.input_shape, wl.num_classes) == (16, (224, 224, 3), 1000)
+    model = settings.build_model("vit_s16", wl.setting("row_subset@0.4"))
+    assert (model.num_classes, model.drop_mode, model.final_drop_rate) == (1000, "row_subset", 0.4)
+    rates = macs.block_drop_rates(model)  # per branch: attention and MLP of each block
+    assert rates == pytest.approx([0.4 * (b // 2) / 11 for b in range(24)])
+    block_macs, droppable, other = macs.block_compute("vit_s16", 224)
+    assert len(block_macs) == 24 and all(droppable)
+    # DeiT-S: 4.6 G multiply-accumulates per 224x224 image.
+    assert sum(block_macs) + other == pytest.approx(4.6e9, rel=0.01)
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--models", "vit_s16", "--vit_settings", "constant@0.4"])
+
+
+def test_vit_workload_times_one_tiny_step(torch):
+    """The ViT rows' plumbing on a 32x32 image, batch 2: one sdjax step and its PyTorch peer."""
+    from experiments.benchmark.bench import torch_peer  # noqa: PLC0415
+
+    args = benchmark.parse_args(
+        ["--models", "vit_s16", "--vit_image_size", "32", "--vit_batch_size", "2",
+         "--warmup", "0", "--steps", "1"]
+    )  # fmt: skip
+    wl = settings.workload("vit_s16", args)
+    setting = wl.setting("row_subset@0.4")
+    row = timing.run_jax("vit_s16", setting, wl, args)
+    assert (row["setting"], row["input_shape"], len(row["step_ms"])) == (
+        "row_subset@0.4",
+        [32, 32, 3],
+        1,
+    )
+    assert np.isfinite(row["final_loss"]) and len(row["block_drop_rates"]) == 24
+    trow = torch_peer.run_torch("vit_s16", setting, wl, row["block_drop_rates"], True, args)
+    assert trow["setting"] == "row_subset@0.4" and np.isfinite(trow["final_loss"])
+    # The peer has sdjax's parameters at this size (position embedding of 4 + 1 tokens).
+    assert trow["num_params"] == row["num_params"]
+    full = torch_peer.create(
+        "vit_s16", settings.Workload(1, (224, 224, 3), 0.0, "linear", 1000),
+        drop_rates=None, drop_mode="row", scale_by_keep=True,
+    )  # fmt: skip
+    assert sum(p.numel() for p in full.parameters()) == 22_050_664  # timm deit_small_patch16_224

@@ -5,8 +5,8 @@ jit-compiles the package's training step (`sdjax.steps.train_step`: forward in t
 softmax cross-entropy, backward, SGD with Nesterov momentum and weight decay, BatchNorm
 statistics update), times `lower` + `compile`, then times ``--steps`` steps after ``--warmup``
 untimed ones. When torch is importable (the ``bench`` extra) the same network in PyTorch eager
-(`experiments/reference/torch_models.py`) is timed right after, in the same process, on the same synthetic
-batch, with the same optimizer. The parts live in `experiments/benchmark/bench/` (settings, timing, MACs,
+(`experiments/reference/torch_models.py`; the ViTs: `experiments.benchmark.bench.torch_peer`) is
+timed right after, in the same process, on the same synthetic batch, with the same optimizer. The parts live in `experiments/benchmark/bench/` (settings, timing, MACs,
 analysis, report).
 
 Settings (``--settings``; extra rows for single models with ``--extra MODEL:SETTING``):
@@ -26,12 +26,23 @@ Settings (``--settings``; extra rows for single models with ``--extra MODEL:SETT
   draw one subset per device, ``drop_shards`` = the device count).
   Rows with modifiers are JAX-only; their PyTorch ratio uses the peer of the
   base setting. Ratios between settings are taken within one modifier group.
+* a drop rate appended to the base with ``@`` (not on ``constant``): ``row@0.1``,
+  ``row_subset@0.4+scan`` train to that rate instead of ``--final_drop_rate``; the PyTorch peer
+  runs once per base and rate, and ratios are taken within one rate (the constant row of a
+  rate group is the one without a rate, e.g. ``row_subset@0.4 / row@0.4`` and
+  ``row_subset@0.4 / constant``).
 
 Workloads: CIFAR ResNets take ``--batch_size`` images of ``--image_size``; EfficientNets
 ``--efficientnet_batch_size`` of ``--efficientnet_image_size``. ``transformer_mlp_stack`` is 12
 pre-norm transformer MLP blocks (LayerNorm, width 384, hidden 4 x 384, 64 tokens, batch 64,
 uniform drop rate 0.4), each residual an `sdjax.layers.DropPathResidual`, timed in the settings
-``--transformer_settings`` (``+dp`` is its only modifier).
+``--transformer_settings`` (``+dp`` is its only modifier). ViTs (``vit_s16``, DeiT-S; also
+``vit_ti16``, ``vit_b16``) take ``--vit_batch_size`` (16) images of ``--vit_image_size`` (224)
+with 1000 classes, timed in the settings ``--vit_settings`` (default: constant, masked row and
+row subset at DeiT's rate 0.1 and DINOv2's 0.4, on ``--drop_schedule``: linear is timm's
+``linspace(0, rate, 12)``), with drop path on the attention and on the MLP branch of each
+block; their PyTorch peer is a plain-PyTorch ViT with timm's DropPath / DINOv2's subset residual
+on both branches (`experiments.benchmark.bench.torch_peer`).
 
 CPU devices: ``--cpu_devices N`` (default: the CPU cores available to the process) splits the
 CPU backend into N devices before JAX initializes. Rows without ``+dp`` run on device 0 only;
@@ -52,6 +63,7 @@ Usage (from the repository root)::
     python -m experiments.benchmark.benchmark                 # the full run
     python -m experiments.benchmark.benchmark --quick         # cifar_resnet20, batch 16, 3 steps (seconds)
     python -m experiments.benchmark.benchmark --models cifar_resnet56 --settings constant,batch --no_torch
+    python -m experiments.benchmark.benchmark --models vit_s16 --vit_batch_size 16   # the ViT rows
 
 Writes ``<out_dir>/benchmark.json`` and ``<out_dir>/benchmark.md`` (default
 ``experiments/benchmark/results/``), both with the exact command, versions and machine (CPU model and
@@ -82,11 +94,10 @@ try:  # the `bench` extra
     import torch
 
     from experiments.benchmark.bench import torch_peer
-    from experiments.reference import torch_models
 
     TORCH_IMPORT_ERROR = None
 except ImportError as error:  # pragma: no cover - depends on the environment
-    torch = torch_models = torch_peer = None
+    torch = torch_peer = None
     TORCH_IMPORT_ERROR = f"{type(error).__name__}: {error}"
 
 
@@ -121,6 +132,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help=f"settings of {transformer.NAME} (modifier: +dp only)",
     )
     parser.add_argument(
+        "--vit_settings",
+        default=",".join(settings.VIT_SETTINGS),
+        help="settings of the ViTs (vit_*), BASE[@RATE][+modifiers]",
+    )
+    parser.add_argument(
         "--extra",
         default=None,
         help="comma-separated MODEL:SETTING extra rows (default: "
@@ -137,6 +153,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, default=32, help="CIFAR ResNets (default 32)")
     parser.add_argument("--efficientnet_batch_size", type=int, default=32)
     parser.add_argument("--efficientnet_image_size", type=int, default=64)
+    parser.add_argument("--vit_batch_size", type=int, default=16, help="ViTs (default 16)")
+    parser.add_argument(
+        "--vit_image_size", type=int, default=224, help="ViTs, a multiple of 16 (default 224)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2)")
     parser.add_argument("--final_drop_rate", type=float, default=0.5)
@@ -216,7 +236,12 @@ def plan(args: argparse.Namespace) -> list[tuple[str, settings.Setting]]:
     pairs = []
     for name in names:
         wl = settings.workload(name, args)
-        chosen = args.transformer_settings if name == transformer.NAME else args.settings
+        if name == transformer.NAME:
+            chosen = args.transformer_settings
+        elif settings.is_vit(name):
+            chosen = args.vit_settings
+        else:
+            chosen = args.settings
         pairs += [(name, wl.setting(s)) for s in _csv(chosen)]
     for item in _csv(args.extra):
         name, _, setting_name = item.partition(":")
@@ -284,8 +309,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         gc.collect()
         if (
             torch_status.startswith("torch ")
-            and name in torch_models.available()
-            and analysis.find(rows, "torch", name, setting.base) is None
+            and name in torch_peer.available()
+            and analysis.find(rows, "torch", name, setting.peer) is None
         ):
             model = settings.build_model(name, setting)
             trow = torch_peer.run_torch(

@@ -3,8 +3,10 @@
 Pure functions over the row dicts of `timing.run_jax` / `torch_peer.run_torch`: a row has
 ``framework`` (``"jax"`` / ``"torch"``), ``model``, ``setting`` and ``median_ms`` / ``mean_ms``.
 Ratios are taken within one modifier group (``variant``): ``batch+scan+dp`` over
-``constant+scan+dp``. A PyTorch row carries its base setting's name (it has no modifiers) and
-is the peer of every sdjax row with that base.
+``constant+scan+dp``. A setting's ``@RATE`` is part of its group (``row_subset@0.4+scan`` over
+``row@0.4+scan``); such a group has no constant row of its own and takes the one without the
+rate (``constant+scan``). A PyTorch row carries its base setting's name with its ``@RATE`` (it
+has no modifiers) and is the peer of every sdjax row with that base and rate.
 """
 
 from __future__ import annotations
@@ -39,9 +41,11 @@ def ratio(a: dict | None, b: dict | None, key: str = "median_ms") -> float | Non
 
 
 def variant(setting_name: str) -> str:
-    """``"batch+scan+dp"`` -> ``"+scan+dp"``; ``"batch"`` -> ``""``."""
-    _, _, rest = setting_name.partition("+")
-    return f"+{rest}" if rest else ""
+    """``"batch+scan+dp"`` -> ``"+scan+dp"``; ``"batch"`` -> ``""``; ``"row@0.4+scan"`` ->
+    ``"@0.4+scan"``."""
+    peer, _, rest = setting_name.partition("+")
+    _, at, rate = peer.partition("@")
+    return (f"@{rate}" if at else "") + (f"+{rest}" if rest else "")
 
 
 def _minus_one(value: float | None) -> float | None:
@@ -67,13 +71,18 @@ def summarize_models(rows: list[dict]) -> list[dict[str, Any]]:
         (row["model"], variant(row["setting"])) for row in rows if row["framework"] == "jax"
     )
     for name, group in groups:
+        rate = group.split("+")[0]  # "@0.4" or ""
+        modifiers = group[len(rate) :]
         jax_rows = {s: find(rows, "jax", name, s + group) for s in settings.BASE_SETTINGS}
-        torch_rows = {s: find(rows, "torch", name, s) for s in settings.BASE_SETTINGS}
+        torch_rows = {s: find(rows, "torch", name, s + rate) for s in settings.BASE_SETTINGS}
         sd_rows = [jax_rows[s] for s in settings.BASE_SETTINGS if s != "constant" and jax_rows[s]]
         if jax_rows["constant"] is None and len(sd_rows) < 2:
             continue
         jc, jr, js, jb = (jax_rows[s] for s in ("constant", "row", "row_subset", "batch"))
         tc, tr, ts, tb = (torch_rows[s] for s in ("constant", "row", "row_subset", "batch"))
+        if rate:  # constant depth has no rate: the group's constant rows are the rate-less ones
+            jc = find(rows, "jax", name, "constant" + modifiers)
+            tc = find(rows, "torch", name, "constant")
         rates = next((r["block_drop_rates"] for r in sd_rows if r.get("block_drop_rates")), None)
         image_size = next(r["image_size"] for r in rows if r["model"] == name)
         out.append(

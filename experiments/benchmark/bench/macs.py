@@ -4,7 +4,9 @@ Multiply-accumulates (MACs) per example, counted from the architecture at the be
 size: every convolution and dense layer of a block's residual branch (`block_compute`), and of
 the rest of the network (stem, head, blocks that cannot be dropped). The CIFAR ResNets' and
 EfficientNets' shapes come from the models themselves (``CifarResNet.widths`` /
-``blocks_per_stage``, ``EfficientNet.stages()``).
+``blocks_per_stage``, ``EfficientNet.stages()``); a ViT's residual branches (attention and MLP
+of each block, in the model's branch order) from ``ViT.hidden_size`` / ``patch_size`` /
+``mlp_ratio``, counting the attention's two token-by-token products.
 
 * ideal kept fraction (`ideal_ratios`): ``sum_l w_l (1 - r_l) / sum_l w_l`` over the blocks
   (``w_l``: MACs of block ``l``'s branch, ``r_l``: its drop rate); the step version adds the
@@ -20,7 +22,7 @@ from typing import Any
 
 from experiments.benchmark.bench import settings, transformer
 from sdjax import models
-from sdjax.models import efficientnet
+from sdjax.models import efficientnet, vit
 
 BlockCompute = tuple[list[float], list[bool], float]
 """(MACs per block, whether the block can be dropped, MACs of everything else), per example."""
@@ -79,8 +81,21 @@ def transformer_macs(tokens: int, width: int) -> BlockCompute:
     return [block] * stack.num_blocks, [True] * stack.num_blocks, float(width * stack.num_classes)
 
 
+def vit_macs(model: Any, image_size: int) -> BlockCompute:
+    """MACs per residual branch of a `ViT` (attention, MLP, ... per block) and of its patch
+    embedding + head, per image."""
+    width, patches = model.hidden_size, (image_size // model.patch_size) ** 2
+    tokens = patches + 1  # the class token
+    attention = tokens * 4 * width * width + 2 * tokens * tokens * width  # qkv, proj; QK^T, AV
+    mlp = 2 * tokens * width * int(model.mlp_ratio * width)
+    block_macs = [float(attention), float(mlp)] * model.num_layers
+    other = patches * model.patch_size**2 * model.input_channels * width
+    other += width * model.num_classes
+    return block_macs, [True] * len(block_macs), float(other)
+
+
 def _create(name: str) -> Any:
-    return models.create(name, num_classes=settings.NUM_CLASSES)
+    return models.create(name, num_classes=settings.num_classes(name))
 
 
 def block_compute(name: str, image_size: int) -> BlockCompute | None:
@@ -93,11 +108,19 @@ def block_compute(name: str, image_size: int) -> BlockCompute | None:
         return block_macs, [True] * len(block_macs), other
     if name.startswith("efficientnet"):
         return efficientnet_macs(_create(name), image_size)
+    if settings.is_vit(name):
+        return vit_macs(_create(name), image_size)
     return None
 
 
 def block_drop_rates(model: Any) -> list[float]:
-    """The model's per-block drop rates (its schedule at its final rate), in forward order."""
+    """The model's per-block drop rates (its schedule at its final rate), in forward order.
+
+    A ViT's are per residual branch (``effective_block_rates``: block ``i``'s rate for its
+    attention and its MLP branch), as `vit_macs` and the PyTorch peer count them.
+    """
+    if isinstance(model, vit.ViT):
+        return [float(r) for r in model.effective_block_rates()]
     return [float(r) for r in model.block_rates(model.num_blocks)]
 
 

@@ -56,8 +56,9 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"median page faults / system CPU ms per sdjax step: {faults}",
         f"- Load average at start / end: {extra['loadavg_start']} / {extra['loadavg_end']}",
         f"- Steps: {config['warmup']} warm-up + {config['steps']} timed; stochastic depth: "
-        f"{config['drop_schedule']} to {config['final_drop_rate']} (the transformer MLP stack: "
-        f"its own rate, see the rows' block_drop_rates); sdjax compute dtype "
+        f"{config['drop_schedule']} to {config['final_drop_rate']} (a setting `BASE@RATE`: to "
+        "RATE; the transformer MLP stack: its own rate, see the rows' block_drop_rates); sdjax "
+        "compute dtype "
         f"{config['dtype'] or 'float32'} (PyTorch: float32)",
         "",
     ]

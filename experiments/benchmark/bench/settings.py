@@ -1,10 +1,14 @@
 """Benchmark settings and workloads: what is timed, on which input, with which model fields.
 
-A setting name is a base stochastic-depth mode plus ``+`` modifiers, e.g. ``"batch+scan+dp"``:
+A setting name is a base stochastic-depth mode, an optional ``@RATE``, plus ``+`` modifiers,
+e.g. ``"batch+scan+dp"`` or ``"row_subset@0.4+scan"``:
 
 * bases: ``constant`` (``final_drop_rate=0``), ``row`` (masked per-sample drop path),
   ``row_subset`` (``drop_mode="row_subset"``: the branch runs on a fixed-size random subset of
   the samples), ``batch`` (one gate per block and step, a dropped branch is skipped).
+* ``@RATE`` (not on ``constant``): this row's ``final_drop_rate`` instead of the workload's,
+  e.g. ``row@0.1``. The base with its rate (``Setting.peer``) names the PyTorch peer's row, and
+  rows of different rates are compared separately (`experiments.benchmark.bench.analysis`).
 * modifiers: ``+xla`` / ``+fast`` (``conv_impl``), ``+scan`` (``scan_blocks=True``, the models'
   default, stated explicitly), ``+unrolled`` (``scan_blocks=False``: one submodule per block),
   ``+dp`` (data-parallel over all devices; not a model field; a ``row_subset+...+dp`` row sets
@@ -13,12 +17,14 @@ A setting name is a base stochastic-depth mode plus ``+`` modifiers, e.g. ``"bat
 
 A workload is the input of one model: the sdjax models take synthetic NHWC images; the
 transformer MLP stack (`experiments.benchmark.bench.transformer`) takes ``(N, tokens, width)`` tokens and
-has its own drop rate, schedule and settings.
+has its own drop rate, schedule and settings. The ViTs (``vit_*``) take ImageNet-shaped images
+(``--vit_image_size``, default 224) with 1000 classes and have their own settings (`VIT_SETTINGS`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -36,7 +42,13 @@ MODIFIERS = {
     "unrolled": {"scan_blocks": False},
 }
 DATA_PARALLEL = "dp"  # the runtime modifier: shard the batch over all devices
-DEFAULT_MODELS = ("cifar_resnet56", "cifar_resnet110", "efficientnet_b0", transformer.NAME)
+DEFAULT_MODELS = (
+    "cifar_resnet56",
+    "cifar_resnet110",
+    "efficientnet_b0",
+    transformer.NAME,
+    "vit_s16",
+)
 DEFAULT_SETTINGS = tuple(
     f"{base}+scan{dp}" for dp in ("", "+dp") for base in ("constant", "row", "row_subset", "batch")
 )
@@ -57,6 +69,28 @@ TRANSFORMER_INPUT = (64, 384)  # (tokens, width)
 TRANSFORMER_BATCH = 64
 TRANSFORMER_MODIFIERS = (DATA_PARALLEL,)
 
+# The ViTs (`sdjax.models.vit`, ``vit_*``): DeiT's drop rate 0.1 and DINOv2's 0.4, at the models'
+# default schedule (``--drop_schedule linear``: timm's ``linspace(0, rate, depth)``).
+VIT_PREFIX = "vit_"
+VIT_SETTINGS = (
+    "constant",
+    "row@0.1",
+    "row_subset@0.1",
+    "row@0.4",
+    "row_subset@0.4",
+)
+VIT_NUM_CLASSES = 1000
+
+
+def is_vit(name: str) -> bool:
+    """Whether ``name`` is one of the registry's ViTs (ImageNet-shaped workload, 1000 classes)."""
+    return name.startswith(VIT_PREFIX)
+
+
+def num_classes(name: str) -> int:
+    """The classes of model ``name`` in the benchmark: 1000 for the ViTs, `NUM_CLASSES` else."""
+    return VIT_NUM_CLASSES if is_vit(name) else NUM_CLASSES
+
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
@@ -68,24 +102,43 @@ class Setting:
     data_parallel: bool = False
 
     @property
+    def peer(self) -> str:
+        """The base with its ``@RATE``, if any (``"row@0.4"``): the PyTorch peer's setting name."""
+        return self.name.split("+")[0]
+
+    @property
     def variant(self) -> str:
         """The modifiers of the name, e.g. ``"+scan+dp"`` (``""`` for a base setting)."""
-        return self.name[len(self.base) :]
+        return self.name[len(self.peer) :]
 
 
 def parse_setting(name: str, final_drop_rate: float, drop_schedule: str) -> Setting:
     """``"batch+scan+dp"`` -> Setting(base="batch", overrides={...}, data_parallel=True).
 
     Args:
-      name: base and modifiers joined by ``+``.
-      final_drop_rate, drop_schedule: the stochastic-depth fields of the non-constant bases.
+      name: base, optional ``@RATE`` and modifiers, e.g. ``"row@0.1+scan"``.
+      final_drop_rate, drop_schedule: the stochastic-depth fields of the non-constant bases
+        (``@RATE`` replaces ``final_drop_rate``).
 
     Raises:
-      ValueError: an unknown base or modifier (the message lists the allowed ones).
+      ValueError: an unknown base or modifier (the message lists the allowed ones), a rate that
+        is not a number in ``[0, 1]``, or a rate on ``constant``.
     """
-    base, *mods = name.split("+")
+    peer, *mods = name.split("+")
+    base, at, rate_text = peer.partition("@")
     if base not in BASE_SETTINGS:
         raise ValueError(f"setting {name!r}: base must be one of {BASE_SETTINGS}, got {base!r}")
+    if at:
+        if base == "constant":
+            raise ValueError(f"setting {name!r}: constant depth takes no @RATE")
+        try:
+            final_drop_rate = float(rate_text)
+        except ValueError:
+            final_drop_rate = math.nan
+        if not 0.0 <= final_drop_rate <= 1.0:
+            raise ValueError(
+                f"setting {name!r}: @RATE must be a drop rate in [0, 1], got {rate_text!r}"
+            )
     if base == "constant":
         overrides: dict[str, Any] = {"final_drop_rate": 0.0}
     else:
@@ -118,13 +171,16 @@ class Workload:
     Attributes:
       batch_size: examples per step (global, over all devices of a ``+dp`` row).
       input_shape: one example's shape: ``(H, W, 3)`` images or ``(tokens, width)``.
-      final_drop_rate, drop_schedule: the rate and schedule of the non-constant settings.
+      final_drop_rate, drop_schedule: the rate and schedule of the non-constant settings
+        (a setting's ``@RATE`` replaces the rate).
+      num_classes: classes of the labels and the model's head.
     """
 
     batch_size: int
     input_shape: tuple[int, ...]
     final_drop_rate: float
     drop_schedule: str
+    num_classes: int = NUM_CLASSES
 
     @property
     def image_size(self) -> int:
@@ -141,6 +197,15 @@ def workload(name: str, args: Any) -> Workload:
     drop rate and schedule); the transformer stack's is fixed (`TRANSFORMER_*`)."""
     if name == transformer.NAME:
         return Workload(TRANSFORMER_BATCH, TRANSFORMER_INPUT, *TRANSFORMER_DROP)
+    if is_vit(name):
+        size = args.vit_image_size
+        return Workload(
+            args.vit_batch_size,
+            (size, size, 3),
+            args.final_drop_rate,
+            args.drop_schedule,
+            VIT_NUM_CLASSES,
+        )
     if name.startswith("efficientnet"):
         size, batch = args.efficientnet_image_size, args.efficientnet_batch_size
     else:
@@ -150,10 +215,10 @@ def workload(name: str, args: Any) -> Workload:
 
 def synthetic_batch(wl: Workload, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Standard-normal float32 inputs ``(N, *input_shape)`` and int32 labels in
-    ``[0, NUM_CLASSES)``, from ``numpy.random.default_rng(seed)``."""
+    ``[0, wl.num_classes)``, from ``numpy.random.default_rng(seed)``."""
     rng = np.random.default_rng(seed)
     inputs = rng.standard_normal((wl.batch_size, *wl.input_shape), np.float32)
-    labels = rng.integers(0, NUM_CLASSES, (wl.batch_size,), dtype=np.int32)
+    labels = rng.integers(0, wl.num_classes, (wl.batch_size,), dtype=np.int32)
     return inputs, labels
 
 
@@ -204,6 +269,6 @@ def build_model(
             num_classes=NUM_CLASSES, **TRANSFORMER_FIELDS, **overrides
         )
     try:
-        return models.create(name, num_classes=NUM_CLASSES, **overrides)
+        return models.create(name, num_classes=num_classes(name), **overrides)
     except ValueError as error:
         raise ValueError(f"{name} {setting.name}: {error}") from None

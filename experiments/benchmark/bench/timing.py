@@ -117,7 +117,7 @@ def run_jax(
     step_fn = functools.partial(
         steps.train_step,
         augment_kwargs=IDENTITY_PREPROCESS,
-        num_classes=settings.NUM_CLASSES,
+        num_classes=wl.num_classes,
         block_gates=_gates_fn(model, setting),
     )
     if setting.data_parallel:
