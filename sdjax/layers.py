@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdjax import ops
+from sdjax import checks, ops, row_subset
 
 __all__ = ["DropPathResidual", "Dropout", "StochasticDepth"]
 
@@ -31,8 +31,8 @@ Array = jax.Array
 
 def _validate_rate(rate: Any, name: str = "rate") -> None:
     """Checks a host rate at construction time; a JAX array rate (traced) is accepted as is."""
-    if not isinstance(rate, jax.Array):
-        ops.check_rate(rate, name)
+    if not checks.is_array_rate(rate):
+        checks.check_rate(rate, name)
 
 
 def _validate_mode(mode: str, allowed: tuple[str, ...] = ops.DROP_PATH_MODES) -> None:
@@ -42,27 +42,8 @@ def _validate_mode(mode: str, allowed: tuple[str, ...] = ops.DROP_PATH_MODES) ->
 
 def _validate_subset_fields(mode: str, rate: Any, min_rate: Any, num_shards: Any) -> None:
     """Checks the row-subset fields (``min_rate``, ``num_shards``) of a residual construct."""
-    if min_rate is not None:
-        min_rate = ops.check_rate(min_rate, "min_rate")
-        if not isinstance(rate, jax.Array) and min_rate > float(rate):
-            raise ValueError(f"min_rate={min_rate} must be <= rate={rate} (a lower bound).")
-    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-        raise ValueError(f"num_shards must be a positive int, got {num_shards!r}.")
-    if mode == "row_subset" and isinstance(rate, jax.Array) and min_rate is None:
-        raise ValueError(
-            "mode='row_subset' with a JAX array rate needs min_rate: a Python float lower bound "
-            "on the rate (e.g. the smallest rate of the scanned stage) that fixes the static "
-            "subset size; min_rate=0.0 runs the branch on the whole batch."
-        )
-
-
-def _check_floating(module: nn.Module, x: Array, what: str = "input") -> None:
-    """Raises for a non-floating array on every path (train, eval, rate 0), before any math."""
-    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-        raise ValueError(
-            f"{type(module).__name__} expects a floating-point {what}, got dtype "
-            f"{jnp.result_type(x)} (cast it first, e.g. x.astype(jnp.float32))."
-        )
+    checks.check_min_rate(rate, min_rate, row_subset=mode == "row_subset")
+    checks.check_count(num_shards, "num_shards")
 
 
 def _is_static_rate(rate: Any, value: float) -> bool:
@@ -138,7 +119,7 @@ class Dropout(nn.Module):
           ValueError: if ``x`` is not floating point (on every path, eval and rate 0 included),
             or if training and no key is available.
         """
-        _check_floating(self, x)
+        checks.check_floating(x, type(self).__name__)
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         if deterministic or _is_static_rate(self.rate, 0.0):
             return x
@@ -197,7 +178,7 @@ class StochasticDepth(nn.Module):
           ValueError: if ``x`` is not floating point (on every path, eval and rate 0 included),
             or if training and no key is available.
         """
-        _check_floating(self, x)
+        checks.check_floating(x, type(self).__name__)
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         if deterministic:
             scale = _eval_scale(self.rate, self.scale_by_keep, x.dtype)
@@ -225,35 +206,14 @@ class DropPathResidual(nn.Module):
     (``skip_compute=False``, or ``shortcut + drop_path(branch(x), mode="batch")``) for the same
     key. In row mode the branch always runs and its output is masked per sample.
 
-    Row-subset mode (``mode="row_subset"``, :func:`sdjax.ops.row_subset_residual`): per shard of
-    ``L = B // num_shards`` samples, exactly ``k = ops.subset_size(L, rate)`` samples (``max(1,
-    round((1 - rate) * L))``; 0 at rate 1) are drawn uniformly without replacement; the branch
-    runs on those ``k`` samples only (forward and backward) and ``branch_out * L / k`` (``* 1``
-    with ``scale_by_keep=False``) is added to their shortcut rows; the other samples get the
-    shortcut alone. The differences from ``"row"`` (masked): ``"row"`` draws an independent
-    Bernoulli(1 - rate) per sample, so the number kept varies from step to step, and runs the
-    branch on every sample, so a BatchNorm inside the branch normalises over the whole batch;
-    ``"row_subset"`` keeps exactly ``k`` samples and a BatchNorm inside the branch normalises
-    over (and updates its statistics from) those ``k`` samples only. For a per-sample branch
-    the two compute the same function of the index set; ``skip_compute=False`` runs the branch
-    on every sample and masks the outputs outside the subset (the same result for the same key,
-    without the saving). The branch must accept any batch size; ``branch_kwargs`` are passed as
-    they are (not gathered), so they must not be per-sample arrays.
-
-    * Sharded batch: set ``num_shards`` to the number of devices the batch axis is sharded over;
-      each device then draws its own subset of its own samples and the gather/scatter stay on
-      the device (no collective of the activations). ``num_shards`` must divide the batch.
-    * Traced rate (a 0-d JAX array, e.g. the per-block rate of an ``nn.scan`` over blocks of
-      different rates): ``k`` must be static, so ``min_rate`` (a Python float <= every rate the
-      module sees, e.g. the smallest rate of the scanned stage) fixes ``k_max = subset_size(L,
-      min_rate)``; the branch runs on ``k_max`` samples and the ones beyond the block's own
-      ``k`` are masked out, scaled by ``L / k``. This pads every block of the stage to the
-      stage's largest ``k``, so one scan body serves blocks of different rates and, for a
-      per-sample branch, gives the unrolled (static-rate) result for the same key; a BatchNorm
-      in the branch normalises over the ``k_max`` samples. ``min_rate`` is required for a traced
-      rate in this mode and optional (checked ``<= rate``, no effect) for a Python float rate.
-    * Edges: rate 0 (or a rate that rounds to ``k == L``) runs the branch on every sample, no
-      gather; rate 1 gives ``shortcut`` without running the branch.
+    Row-subset mode (``mode="row_subset"``): exactly ``k`` samples per shard run the branch
+    (forward and backward), the others get the shortcut alone; the rule (``k``, the scale,
+    ``num_shards``, an array rate with ``min_rate``, the edges) is :mod:`sdjax.row_subset`'s.
+    Unlike ``"row"``, the number kept does not vary and a BatchNorm inside the branch
+    normalises over (and updates its statistics from) the ``k`` samples only;
+    ``skip_compute=False`` runs the branch on every sample and masks the outputs outside the
+    subset (the same result for the same key, without the saving). The branch must accept any
+    batch size; ``branch_kwargs`` are passed as they are (not gathered).
 
     Eval (``deterministic=True``): ``shortcut + branch(x)``, times ``1 - rate`` on the branch
     when ``scale_by_keep=False``. At init the branch always runs (so its variables are created)
@@ -289,10 +249,10 @@ class DropPathResidual(nn.Module):
         sample with the outputs outside the subset masked (False).
       deterministic: default for the call argument; exactly one of the two must be set.
       rng_collection: the rng collection the key is taken from when ``rng`` is not given.
-      min_rate: row-subset mode: a static lower bound on ``rate`` fixing the subset size of a
-        traced rate (required then); ``None`` for a Python float rate.
-      num_shards: row-subset mode: the number of contiguous shards of the batch axis (devices)
-        that each draw their own subset; must divide the batch size.
+      min_rate: row-subset mode: a static lower bound on ``rate``, required for a JAX array
+        rate (:func:`sdjax.checks.check_min_rate`).
+      num_shards: row-subset mode: the shards of the batch axis (devices) that each draw their
+        own subset (:mod:`sdjax.row_subset`).
     """
 
     branch: nn.Module | Callable[..., nn.Module]
@@ -343,7 +303,7 @@ class DropPathResidual(nn.Module):
           ValueError: if training and no key is available, or ``shortcut`` or the branch output
             is not floating point or they differ in shape (on every path).
         """
-        _check_floating(self, shortcut, "shortcut")
+        checks.check_floating(shortcut, type(self).__name__, "shortcut")
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         if self.is_initializing() or deterministic:
             out = self._run_branch(x, shortcut, branch_kwargs)
@@ -370,7 +330,7 @@ class DropPathResidual(nn.Module):
 
     def _run_branch(self, x: Array, shortcut: Array, branch_kwargs: dict[str, Any]) -> Array:
         out = self.branch(x, **branch_kwargs)
-        _check_floating(self, out, "branch output")
+        checks.check_floating(out, type(self).__name__, "branch output")
         if out.shape != shortcut.shape:
             raise ValueError(
                 f"DropPathResidual: the branch output has shape {out.shape}, but the shortcut "
@@ -382,7 +342,7 @@ class DropPathResidual(nn.Module):
         self, x: Array, shortcut: Array, key: Array, branch_kwargs: dict[str, Any]
     ) -> Array:
         """Row-subset mode: the branch on ``k`` samples per shard, scatter-added (see class doc)."""
-        return ops.row_subset_residual(
+        return row_subset.row_subset_residual(
             lambda rows: self.branch(rows, **branch_kwargs),
             x,
             shortcut,

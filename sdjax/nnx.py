@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from sdjax import ops
+from sdjax import checks, ops, row_subset
 
 __all__ = ["DropPathResidual", "Dropout", "StochasticDepth"]
 
@@ -38,15 +38,6 @@ def _fork_stream(rngs: nnx.Rngs | nnx.RngStream | None, rng_collection: str) -> 
     if rngs is None:
         return nnx.data(None)
     raise TypeError(f"rngs must be an nnx.Rngs, an nnx.RngStream or None, got {type(rngs)}.")
-
-
-def _check_floating(layer: Any, x: Array) -> None:
-    """Raises for a non-floating input on every path (train, eval, rate 0), before any math."""
-    if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
-        raise ValueError(
-            f"{type(layer).__name__} expects a floating-point input, got dtype "
-            f"{jnp.result_type(x)} (cast it first, e.g. x.astype(jnp.float32))."
-        )
 
 
 def _resolve_deterministic(call_value: bool | None, attr_value: bool | None, name: str) -> bool:
@@ -102,7 +93,7 @@ class Dropout(nnx.Module):
         rng_collection: str = "dropout",
         rngs: nnx.Rngs | nnx.RngStream | None = None,
     ):
-        self.rate = ops.check_rate(rate)
+        self.rate = checks.check_rate(rate)
         self.broadcast_dims = tuple(broadcast_dims)
         self.deterministic = deterministic
         self.rng_collection = rng_collection
@@ -124,7 +115,7 @@ class Dropout(nnx.Module):
         Raises:
           ValueError: ``x`` is not floating point (on every path, eval and rate 0 included).
         """
-        _check_floating(self, x)
+        checks.check_floating(x, type(self).__name__)
         if _resolve_deterministic(deterministic, self.deterministic, "Dropout") or self.rate == 0:
             return x
         if self.rate == 1.0:
@@ -168,7 +159,7 @@ class StochasticDepth(nnx.Module):
     ):
         if mode not in ops.DROP_PATH_MODES:
             raise ValueError(f"mode must be one of {ops.DROP_PATH_MODES}, got {mode!r}.")
-        self.rate = ops.check_rate(rate)
+        self.rate = checks.check_rate(rate)
         self.mode = mode
         self.scale_by_keep = bool(scale_by_keep)
         self.deterministic = deterministic
@@ -191,7 +182,7 @@ class StochasticDepth(nnx.Module):
         Raises:
           ValueError: ``x`` is not floating point (on every path, eval and rate 0 included).
         """
-        _check_floating(self, x)
+        checks.check_floating(x, type(self).__name__)
         if _resolve_deterministic(deterministic, self.deterministic, "StochasticDepth"):
             if self.scale_by_keep or self.rate == 0:
                 return x
@@ -224,13 +215,10 @@ class DropPathResidual(nnx.Module):
       (forward or backward) and its state (BatchNorm ``batch_stats``, rng counts) is left
       unchanged; a kept branch adds ``branch(x) / (1 - rate)`` (no division with
       ``scale_by_keep=False``).
-    * ``mode="row_subset"``: exactly ``k = ops.subset_size(L, rate)`` samples per shard of ``L =
-      B // num_shards`` are drawn without replacement and the branch runs on those only
-      (:func:`sdjax.ops.row_subset_residual`); their rows get ``branch_out * L / k`` (``* 1``
-      with ``scale_by_keep=False``), the others the shortcut alone. A BatchNorm in the branch
-      normalises over, and updates its statistics from, the ``k`` kept samples; ``branch_kwargs``
-      are passed as they are (not gathered). A 0-d JAX array rate needs ``min_rate`` (see the
-      Linen class). Rate 1 gives the shortcut without running the branch.
+    * ``mode="row_subset"``: exactly ``k`` samples per shard run the branch, the others get
+      the shortcut alone (the rule: :mod:`sdjax.row_subset`). A BatchNorm in the branch
+      normalises over, and updates its statistics from, the ``k`` kept samples;
+      ``branch_kwargs`` are passed as they are (not gathered).
 
     Eval (``deterministic=True``): ``shortcut + branch(x)``, with the branch times ``1 - rate``
     when ``scale_by_keep=False``. The sum has ``shortcut``'s shape and dtype.
@@ -244,9 +232,10 @@ class DropPathResidual(nnx.Module):
       scale_by_keep: scale kept branches in training (True) or scale by ``1 - rate`` at eval.
       skip_compute: skip the dropped compute (``nnx.cond`` in batch mode, the subset in
         row-subset mode) (True), or run the branch on everything and mask (False).
-      min_rate: row-subset mode: a static lower bound on ``rate``, required for an array rate.
+      min_rate: row-subset mode: a static lower bound on ``rate``, required for an array rate
+        (:func:`sdjax.checks.check_min_rate`).
       num_shards: row-subset mode: the shards of the batch axis (devices) that each draw their
-        own subset; must divide the batch size.
+        own subset (:mod:`sdjax.row_subset`).
       deterministic: the initial mode (False: training); toggled by ``.train()`` / ``.eval()``.
       rng_collection: the name of the rng stream taken from ``rngs``.
       rngs: an ``nnx.Rngs`` (its ``rng_collection`` stream is forked) or an ``nnx.RngStream``.
@@ -270,24 +259,11 @@ class DropPathResidual(nnx.Module):
             raise ValueError(f"mode must be one of {ops.RESIDUAL_MODES}, got {mode!r}.")
         if not isinstance(branch, nnx.Module):
             raise ValueError(f"DropPathResidual.branch must be an nnx.Module, got {branch!r}.")
-        if isinstance(rate, jax.Array):
-            ops._is_traced_rate(rate)  # 0-d and floating, or a clear error
-            if mode == "row_subset" and min_rate is None:
-                raise ValueError(
-                    "mode='row_subset' with a JAX array rate needs min_rate: a Python float "
-                    "lower bound on the rate that fixes the static subset size."
-                )
-            self.rate = nnx.data(rate)
-        else:
-            self.rate = ops.check_rate(rate)
-        if min_rate is not None:
-            min_rate = ops.check_rate(min_rate, "min_rate")
-            if isinstance(self.rate, float) and min_rate > self.rate:
-                raise ValueError(
-                    f"min_rate={min_rate} must be <= rate={self.rate} (a lower bound)."
-                )
-        if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-            raise ValueError(f"num_shards must be a positive int, got {num_shards!r}.")
+        array_rate = checks.is_array_rate(rate)
+        rate = rate if array_rate else checks.check_rate(rate)
+        min_rate = checks.check_min_rate(rate, min_rate, row_subset=mode == "row_subset")
+        num_shards = checks.check_count(num_shards, "num_shards")
+        self.rate = nnx.data(rate) if array_rate else rate
         self.branch = branch
         self.mode = mode
         self.scale_by_keep = bool(scale_by_keep)
@@ -323,7 +299,7 @@ class DropPathResidual(nnx.Module):
           ValueError: ``shortcut`` is not floating point (on every path), or the branch output
             has another shape.
         """
-        _check_floating(self, shortcut)
+        checks.check_floating(shortcut, type(self).__name__)
         rate = self.rate
         static = isinstance(rate, float)
         if _resolve_deterministic(deterministic, self.deterministic, "DropPathResidual"):
@@ -335,7 +311,7 @@ class DropPathResidual(nnx.Module):
             return _add(shortcut, self._run_branch(x, shortcut, branch_kwargs))
         key = _next_key(self, rngs)
         if self.mode == "row_subset":
-            return ops.row_subset_residual(
+            return row_subset.row_subset_residual(
                 lambda rows: self.branch(rows, **branch_kwargs),
                 x,
                 shortcut,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numbers
 from collections.abc import Callable
 
-from sdjax.ops import check_rate
+from sdjax.checks import check_rate
 
 __all__ = ["SCHEDULES", "efficientnet", "get", "linear_decay", "uniform"]
 

@@ -21,7 +21,7 @@ from flax.core import unfreeze
 from jax import lax
 
 import sdjax.models as models
-from sdjax import layers, ops
+from sdjax import layers, row_subset
 from sdjax.models.blocks import ResidualBlock
 from sdjax.models.stages import apply_stage
 
@@ -563,11 +563,11 @@ def test_scanned_row_subset_blocks_keep_their_own_k(scale):
     for b, rate in enumerate(STAGE_RATES):
         if scale is not None:
             rate = float(np.float32(rate) * np.float32(scale))
-        k = ops.subset_size(local, rate)
+        k = row_subset.subset_size(local, rate)
         column = outs[True][:, b].reshape(2, local)
         assert (column != 0).sum(axis=1).tolist() == [k, k], (b, column)
         np.testing.assert_allclose(column[column != 0], local / k, rtol=1e-6)
-    assert [ops.subset_size(local, r) for r in STAGE_RATES] == [5, 5, 4, 4, 3]
+    assert [row_subset.subset_size(local, r) for r in STAGE_RATES] == [5, 5, 4, 4, 3]
 
 
 def test_scanned_row_subset_values_and_grads_equal_unrolled():
@@ -810,9 +810,9 @@ def test_unknown_name_lists_valid_names():
         (dict(final_drop_rate=True), "final_drop_rate"),
         (dict(drop_schedule="cosine"), "drop_schedule='cosine'.*linear"),
         (dict(drop_mode="sample"), "drop_mode='sample'.*row, batch, row_subset"),
-        (dict(drop_shards=0), "drop_shards must be a positive integer, got 0"),
-        (dict(drop_shards=True), "drop_shards must be a positive integer, got True"),
-        (dict(drop_shards=2.0), "drop_shards must be a positive integer, got 2.0"),
+        (dict(drop_shards=0), "drop_shards must be an integer >= 1, got 0"),
+        (dict(drop_shards=True), "drop_shards must be an integer >= 1, got True"),
+        (dict(drop_shards=2.0), "drop_shards must be an integer >= 1, got 2.0"),
         (dict(conv_impl="cudnn"), "conv_impl.*auto"),
         (dict(scan_blocks="yes"), "scan_blocks"),
         (dict(num_classes=0), "num_classes"),

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sdjax import layers, ops
+from sdjax import layers, ops, row_subset
 from sdjax.nnx import DropPathResidual
 
 
@@ -85,12 +85,12 @@ def test_batch_mode_skips_dropped_branch_and_leaves_batch_norm_untouched():
 def test_row_subset_equals_ops_and_batch_norm_sees_kept_samples():
     residual = _residual(0.6, mode="row_subset")
     key = jax.random.key(4)
-    expected = ops.row_subset_residual(_branch_fn(residual), X, SHORTCUT, 0.6, key=key)
+    expected = row_subset.row_subset_residual(_branch_fn(residual), X, SHORTCUT, 0.6, key=key)
     kernel = residual.branch.linear.kernel[...]
     bias = residual.branch.linear.bias[...]
     out = residual(X, SHORTCUT, rngs=key)
     chex.assert_trees_all_close(out, expected, rtol=1e-6, atol=1e-6)
-    idx = ops.subset_indices(key, 8, ops.subset_size(8, 0.6))[0]
+    idx = row_subset.subset_indices(key, 8, row_subset.subset_size(8, 0.6))[0]
     kept_mean = (X[idx] @ kernel + bias).mean(0)
     chex.assert_trees_all_close(residual.branch.norm.mean[...], 0.5 * kept_mean, rtol=1e-5)
 
@@ -103,7 +103,7 @@ def test_row_subset_gradients_skip_dropped_samples():
         return jnp.sum(residual(x, SHORTCUT, rngs=key) ** 2)
 
     grads, x_grad = nnx.grad(loss, argnums=(0, 1))(residual, X)
-    keep = np.asarray(ops.subset_keep(key, 8, 4))
+    keep = np.asarray(row_subset.subset_keep(key, 8, 4))
     np.testing.assert_array_equal(np.asarray(x_grad)[~keep], 0.0)
     assert np.all(np.any(np.asarray(x_grad)[keep] != 0, axis=1))
     masked = _residual(0.5, mode="row_subset", use_norm=False, skip_compute=False)
@@ -189,7 +189,7 @@ def test_invalid_arguments():
         _residual(jnp.float32(0.5), mode="row_subset")
     with pytest.raises(ValueError, match="min_rate=0.6 must be <= rate=0.5"):
         _residual(0.5, mode="row_subset", min_rate=0.6)
-    with pytest.raises(ValueError, match="num_shards must be a positive int"):
+    with pytest.raises(ValueError, match="num_shards must be an integer >= 1"):
         _residual(0.5, mode="row_subset", num_shards=0)
     with pytest.raises(ValueError, match="must be an nnx.Module"):
         DropPathResidual(lambda h: h, 0.5)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from sdjax import ops
+from sdjax import checks, ops
 
 # Statistical checks use fixed keys and a bound of this many standard deviations.
 NUM_SIGMAS = 5.0
@@ -21,7 +21,7 @@ def _key(seed=0):
 class CheckRateTest(parameterized.TestCase):
     @parameterized.parameters(0, 0.0, 0.5, 1, 1.0, np.float32(0.25), (np.array(0.75),))
     def test_valid(self, rate):
-        value = ops.check_rate(rate)
+        value = checks.check_rate(rate)
         self.assertIsInstance(value, float)
         self.assertEqual(value, float(rate))
 
@@ -30,7 +30,7 @@ class CheckRateTest(parameterized.TestCase):
     )
     def test_invalid_names_value(self, rate):
         with self.assertRaisesRegex(ValueError, r"drop_rate.*\[0, 1\]") as ctx:
-            ops.check_rate(rate, name="drop_rate")
+            checks.check_rate(rate, name="drop_rate")
         self.assertIn(repr(rate), str(ctx.exception))
 
     @parameterized.parameters(-0.1, 1.5, float("nan"), True, "0.5")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl.testing import absltest, parameterized
 
-from sdjax import ops
+from sdjax import row_subset
 from sdjax.layers import DropPathResidual
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def _inputs(batch=8, dtype=jnp.float32):
 
 
 def _subset(w, x, shortcut, rate, key, **kw):
-    return ops.row_subset_residual(
+    return row_subset.row_subset_residual(
         lambda h: per_sample_branch(w, h), x, shortcut, rate, key=key, **kw
     )
 
@@ -54,34 +54,36 @@ class SubsetDrawTest(chex.TestCase, parameterized.TestCase):
         (128, 0.25, 96),
     )
     def test_subset_size(self, batch, rate, k):
-        self.assertEqual(ops.subset_size(batch, rate), k)
+        self.assertEqual(row_subset.subset_size(batch, rate), k)
 
     def test_traced_subset_size_equals_static(self):
         rates = np.linspace(0.0, 1.0, 201).astype(np.float32)
         for batch in (1, 2, 3, 7, 8, 10, 64, 100, 128):
-            traced = jax.vmap(lambda r, b=batch: ops._traced_subset_size(b, r, b))(rates)
-            static = [ops.subset_size(batch, float(r)) for r in rates]
+            traced = jax.vmap(lambda r, b=batch: row_subset._traced_subset_size(b, r, b))(rates)
+            static = [row_subset.subset_size(batch, float(r)) for r in rates]
             np.testing.assert_array_equal(np.asarray(traced), static)
 
     def test_bad_sizes_and_rates(self):
         for batch in (0, -1, 2.5, True, None):
             with self.assertRaisesRegex(ValueError, "batch must be an integer >= 1"):
-                ops.subset_size(batch, 0.5)
+                row_subset.subset_size(batch, 0.5)
         for rate in (-0.1, 1.5, float("nan"), "0.5"):
             with self.assertRaisesRegex(ValueError, "rate"):
-                ops.subset_size(8, rate)
+                row_subset.subset_size(8, rate)
         with self.assertRaisesRegex(ValueError, r"k=5 must be in \[0, 4\]"):
-            ops.subset_indices(_key(), 8, 5, num_shards=2)
+            row_subset.subset_indices(_key(), 8, 5, num_shards=2)
         with self.assertRaisesRegex(ValueError, "k must be an integer >= 0"):
-            ops.subset_indices(_key(), 8, -1)
+            row_subset.subset_indices(_key(), 8, -1)
         with self.assertRaisesRegex(ValueError, "num_shards=3 must divide the batch size 8"):
-            ops.subset_indices(_key(), 8, 1, num_shards=3)
+            row_subset.subset_indices(_key(), 8, 1, num_shards=3)
         with self.assertRaisesRegex(ValueError, "num_shards must be an integer >= 1"):
-            ops.subset_indices(_key(), 8, 1, num_shards=0)
+            row_subset.subset_indices(_key(), 8, 1, num_shards=0)
 
     @chex.variants(with_jit=True, without_jit=True)
     def test_indices_distinct_in_range_and_nested(self):
-        draw = self.variant(ops.subset_indices, static_argnums=(1, 2), static_argnames="num_shards")
+        draw = self.variant(
+            row_subset.subset_indices, static_argnums=(1, 2), static_argnames="num_shards"
+        )
         for shards in (1, 2):
             idx = np.asarray(draw(_key(3), 12, 5, num_shards=shards))
             self.assertEqual(idx.shape, (shards, 5))
@@ -99,7 +101,7 @@ class SubsetDrawTest(chex.TestCase, parameterized.TestCase):
         bits = bits.at[0, 4].set(bits[0, 20]).at[2].set(7)  # ties: the lower index first
         for k in (0, 1, 9, 33):
             np.testing.assert_array_equal(
-                np.asarray(ops._top_k_indices_by_rank(bits, k)),
+                np.asarray(row_subset._top_k_indices_by_rank(bits, k)),
                 np.asarray(jax.lax.top_k(bits, k)[1]),
             )
 
@@ -114,9 +116,9 @@ class SubsetDrawTest(chex.TestCase, parameterized.TestCase):
         batch, k, draws = 16, 5, 40_000
         local = batch // shards
         keys = jax.random.split(_key(5), draws)
-        keep = jax.jit(jax.vmap(lambda key: ops.subset_keep(key, batch, k, num_shards=shards)))(
-            keys
-        )
+        keep = jax.jit(
+            jax.vmap(lambda key: row_subset.subset_keep(key, batch, k, num_shards=shards))
+        )(keys)
         keep = np.asarray(keep).reshape(draws, shards, local)
         self.assertTrue((keep.sum(axis=2) == k).all())  # exactly k per shard, every draw
         p = k / local
@@ -138,8 +140,8 @@ class RowSubsetResidualTest(chex.TestCase, parameterized.TestCase):
         x, shortcut = _inputs()
         rate, key = 0.6, _key(3)
         k, scale = {1: (3, 8 / 3), 2: (2, 2.0)}[shards]
-        self.assertEqual(ops.subset_size(8 // shards, rate), k)
-        keep = ops.subset_keep(key, 8, k, num_shards=shards)[:, None]
+        self.assertEqual(row_subset.subset_size(8 // shards, rate), k)
+        keep = row_subset.subset_keep(key, 8, k, num_shards=shards)[:, None]
         scale = scale if scale_by_keep else 1.0
 
         def masked(w, x, shortcut):
@@ -178,15 +180,15 @@ class RowSubsetResidualTest(chex.TestCase, parameterized.TestCase):
             return jnp.ones_like(h)
 
         x = jnp.arange(12.0)[:, None] * jnp.ones((12, 3))
-        out = ops.row_subset_residual(branch, x, jnp.zeros((12, 3)), 0.5, key=_key(2))
+        out = row_subset.row_subset_residual(branch, x, jnp.zeros((12, 3)), 0.5, key=_key(2))
         self.assertEqual(seen, [(6, 3)])
         rows = np.asarray(out)
         self.assertEqual(int((rows != 0).all(axis=1).sum()), 6)
         np.testing.assert_array_equal(np.unique(rows), [0.0, 2.0])  # scale 12 / 6
         # The branch input holds the drawn samples.
-        idx = ops.subset_indices(_key(2), 12, 6)[0]
+        idx = row_subset.subset_indices(_key(2), 12, 6)[0]
         taken = []
-        ops.row_subset_residual(
+        row_subset.row_subset_residual(
             lambda h: taken.append(h) or h, x, x, 0.5, key=_key(2), scale_by_keep=False
         )
         np.testing.assert_array_equal(np.asarray(taken[0]), np.asarray(x[idx]))
@@ -199,9 +201,9 @@ class RowSubsetResidualTest(chex.TestCase, parameterized.TestCase):
             seen.append(h.shape)
             return per_sample_branch(W, h)
 
-        full = ops.row_subset_residual(branch, x, shortcut, 0.0, key=None)
+        full = row_subset.row_subset_residual(branch, x, shortcut, 0.0, key=None)
         chex.assert_trees_all_close(full, shortcut + per_sample_branch(W, x))
-        tiny = ops.row_subset_residual(branch, x, shortcut, 0.01, key=None)  # k rounds to 8
+        tiny = row_subset.row_subset_residual(branch, x, shortcut, 0.01, key=None)  # k rounds to 8
         chex.assert_trees_all_equal(tiny, full)
         self.assertEqual(seen, [(8, 4), (8, 4)])  # the whole batch, no gather
 
@@ -209,7 +211,7 @@ class RowSubsetResidualTest(chex.TestCase, parameterized.TestCase):
             raise AssertionError("the branch must not run at rate 1")
 
         chex.assert_trees_all_equal(
-            ops.row_subset_residual(never, x, shortcut, 1.0, key=None), shortcut
+            row_subset.row_subset_residual(never, x, shortcut, 1.0, key=None), shortcut
         )
         # Traced rate 1 with min_rate < 1: the k_max samples are all masked out.
         out = jax.jit(lambda r: _subset(W, x, shortcut, r, _key(), min_rate=0.5))(jnp.float32(1))
@@ -260,7 +262,7 @@ class RowSubsetResidualTest(chex.TestCase, parameterized.TestCase):
 
         out = jax.jit(fn)(W, x)
         self.assertEqual(out.dtype, jnp.bfloat16)
-        keep = ops.subset_keep(_key(9), 8, 4)[:, None]
+        keep = row_subset.subset_keep(_key(9), 8, 4)[:, None]
         masked = shortcut + jnp.where(keep, per_sample_branch(W, x) * 2.0, 0.0)
         chex.assert_trees_all_equal(out, masked.astype(jnp.bfloat16))
         loss = lambda f: lambda w, x: jnp.sum(f(w, x).astype(jnp.float32) ** 2)  # noqa: E731
@@ -287,7 +289,7 @@ class RowSubsetResidualTest(chex.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "floating-point"):
             _subset(W, x, shortcut.astype(jnp.int32), 0.5, _key())
         with self.assertRaisesRegex(ValueError, r"branch output has shape \(4, 3\)"):
-            ops.row_subset_residual(lambda h: h[:, :3], x, shortcut, 0.5, key=_key())
+            row_subset.row_subset_residual(lambda h: h[:, :3], x, shortcut, 0.5, key=_key())
 
 
 class Branch(nn.Module):
@@ -325,9 +327,9 @@ class DropPathResidualRowSubsetTest(chex.TestCase, parameterized.TestCase):
             )[0]
 
         chex.assert_trees_all_close(
-            out, ops.row_subset_residual(branch, x, shortcut, 0.6, key=_key(3)), rtol=1e-6
+            out, row_subset.row_subset_residual(branch, x, shortcut, 0.6, key=_key(3)), rtol=1e-6
         )
-        idx = ops.subset_indices(_key(3), 10, 4)[0]
+        idx = row_subset.subset_indices(_key(3), 10, 4)[0]
         dense = x[idx] @ params["Dense_0"]["kernel"] + params["Dense_0"]["bias"]
         chex.assert_trees_all_close(  # momentum 0.5: half the mean over the 4 kept samples
             new["batch_stats"]["branch"]["BatchNorm_0"]["mean"], 0.5 * dense.mean(0), rtol=1e-5
@@ -383,7 +385,7 @@ class DropPathResidualRowSubsetTest(chex.TestCase, parameterized.TestCase):
         def unrolled(params, h):
             for i, rate in enumerate(rates):
                 p = jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], params)
-                h = ops.row_subset_residual(
+                h = row_subset.row_subset_residual(
                     lambda rows, p=p: Branch(use_norm=False).apply({"params": p}, rows),
                     h,
                     h,
@@ -401,7 +403,7 @@ class DropPathResidualRowSubsetTest(chex.TestCase, parameterized.TestCase):
             _layer(0.5, mode="subset")
         with self.assertRaisesRegex(ValueError, "min_rate=0.6 must be <= rate=0.5"):
             _layer(0.5, mode="row_subset", min_rate=0.6)
-        with self.assertRaisesRegex(ValueError, "num_shards must be a positive int"):
+        with self.assertRaisesRegex(ValueError, "num_shards must be an integer >= 1"):
             _layer(0.5, mode="row_subset", num_shards=0)
         with self.assertRaisesRegex(ValueError, "needs min_rate"):
             _layer(jnp.float32(0.5), mode="row_subset")
@@ -411,13 +413,13 @@ SHARDED_SCRIPT = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from sdjax import ops
+    from sdjax import row_subset
 
     assert jax.device_count() == 2, jax.devices()
     sharding = NamedSharding(Mesh(np.array(jax.devices()), ("data",)), P("data"))
     w = jnp.full((16, 16), 0.1)
     def f(x, key):
-        return ops.row_subset_residual(
+        return row_subset.row_subset_residual(
             lambda h: jnp.tanh(h @ w), x, x, 0.5, key=key, num_shards=2)
     x = jax.random.normal(jax.random.key(0), (8, 16))
     xs = jax.device_put(x, sharding)

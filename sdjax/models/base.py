@@ -22,10 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax import schedules
+from sdjax.checks import check_count, check_rate
 from sdjax.conv import IMPLS
 from sdjax.layers import DropPathResidual
 from sdjax.models.conv_norm import Conv
-from sdjax.ops import RESIDUAL_MODES, check_rate
+from sdjax.ops import RESIDUAL_MODES
 
 __all__ = [
     "StochasticDepthFields",
@@ -52,8 +53,7 @@ def _check_bool(value: Any, name: str) -> None:
 
 
 def _check_positive_int(value: Any, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    check_count(value, name, 1)
 
 
 def _check_real(value: Any, name: str, low: float, high: float, allowed: str) -> None:
@@ -96,14 +96,9 @@ class StochasticDepthFields(nn.Module, kw_only=True):
         :class:`sdjax.layers.DropPathResidual`: ``"batch"`` (one gate per block for the whole
         batch; dropped blocks are not computed and do not update BatchNorm; the default),
         ``"row"`` (one Bernoulli gate per sample; every branch computed, then masked) or
-        ``"row_subset"`` (exactly ``k = max(1, round((1 - rate) * B_local))`` random samples
-        per shard run the branch, the others are not computed; a BatchNorm in the branch
-        normalises over, and updates its statistics from, the samples it runs on). Row subset
-        in a scanned stage pads every block to the stage's largest ``k`` (the smallest rate of
-        the scanned blocks) and masks the samples beyond the block's own ``k``; with a
-        ``drop_rate_scale`` the rates are traced and may be smaller than the schedule's, so
-        every block is padded to the whole batch (no compute saving, e.g. during a warm-up;
-        each block still keeps exactly its own ``k``). See :mod:`sdjax.models.stages`.
+        ``"row_subset"`` (exactly ``k`` random samples per shard run the branch, the others
+        are not computed; a BatchNorm in the branch normalises over the samples it runs on;
+        the rule: :mod:`sdjax.row_subset`; in a scanned stage: :mod:`sdjax.models.stages`).
       drop_shards: ``"row_subset"`` only: the number of contiguous shards of the batch axis
         that draw their own subsets (positive int; 1). Set it to the number of devices the
         batch is sharded over, so each device draws its subset from its own samples and the

@@ -12,7 +12,7 @@ block's own key is ``fold_in(key, block_index)`` with the global (network-wide) 
 scanned and unrolled networks draw the same gates (and, in row-subset mode, the same subsets).
 
 ``min_rate`` is the static lower bound on ``rate`` that row-subset mode needs when ``rate`` is a
-JAX array (it fixes the subset size; see :class:`sdjax.layers.DropPathResidual`);
+JAX array (it fixes the subset size; see :func:`sdjax.checks.check_min_rate`);
 :func:`sdjax.models.stages.apply_stage` sets it for every block it builds.
 """
 

@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdjax.checks import check_rate
 from sdjax.layers import Dropout
 from sdjax.models.base import (
     StochasticDepthFields,
@@ -43,7 +44,6 @@ from sdjax.models.base import (
 )
 from sdjax.models.blocks import ModuleDef, ResidualBlock
 from sdjax.models.stages import apply_stage
-from sdjax.ops import check_rate
 
 __all__ = [
     "BLOCKS",

@@ -32,10 +32,10 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sdjax import schedules
+from sdjax.checks import check_rate
 from sdjax.layers import DropPathResidual
 from sdjax.models.base import StochasticDepthFields, _check_real, model_default
 from sdjax.models.conv_norm import Conv
-from sdjax.ops import check_rate
 
 __all__ = ["LayerNormNet", "gelu", "layer_scale", "linspace_rates", "trunc_normal"]
 

@@ -191,8 +191,8 @@ def _prefer_passive_omp_wait() -> None:
 
     oneDNN's OpenMP threads otherwise spin after each call while XLA's own threads run the rest
     of the program on the same cores; on a busy host a parallel region then waits for
-    descheduled spinning threads (measured on 2 shared cores: a 3x3 forward+backward at 152 ms
-    median with spinning, 43 ms passive). libgomp reads the variable once, when it is loaded,
+    descheduled spinning threads (the measurement: docs/performance.md, "oneDNN's OpenMP
+    threads"). libgomp reads the variable once, when it is loaded,
     so this has no effect if the process already runs OpenMP (e.g. after ``import torch``).
     """
     if "OMP_WAIT_POLICY" in os.environ:
