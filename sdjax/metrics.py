@@ -132,6 +132,12 @@ class _NullWriter:
     def write_hparams(self, hparams):
         pass
 
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
 
 def create_writer(
     workdir: str, is_main_process: bool, start_step: int, tensorboard: bool = True

@@ -72,8 +72,12 @@ def tiny_config():
     return _tiny.get_config
 
 
-def write_fake_cifar10(data_dir: pathlib.Path, num_train: int = 256, num_test: int = 128) -> None:
-    """Writes a cifar10 of random images with tfds' own writer (``tfds build`` layout)."""
+def write_fake_cifar10(data_dir: pathlib.Path, num_train: int = 5256, num_test: int = 128) -> None:
+    """Writes a cifar10 of random images with tfds' own writer (``tfds build`` layout).
+
+    5,256 training images: the paper's recipe holds out 5,000 for validation, and two batches
+    of 128 remain (the configs validate against this data as against the real one).
+    """
     import tensorflow_datasets as tfds  # noqa: PLC0415
 
     version = str(tfds.builder_cls("cifar10").VERSION)
