@@ -7,22 +7,10 @@
     # sdjax's earlier recipe: --config=configs/cifar10_constant.py:recipe=sdjax
 """
 
-import importlib.util
-import pathlib
-
-from sdjax.config import apply_arg
-
-
-def _cifar10_sd():
-    """`configs/cifar10_sd.py`, loaded by path (config files are not a package)."""
-    path = pathlib.Path(__file__).with_name("cifar10_sd.py")
-    spec = importlib.util.spec_from_file_location("cifar10_sd", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from sdjax.config import apply_arg, sibling_config
 
 
 def get_config(arg=None):
-    config = _cifar10_sd().get_config()
+    config = sibling_config(__file__, "cifar10_sd")
     config.model.final_drop_rate = 0.0
     return apply_arg(config, arg)

@@ -18,22 +18,9 @@ from sdjax.config import apply_arg, apply_recipe, default_config
 def get_config(arg=None):
     config = default_config()
     config.model.name = "cifar_resnet1202"
-    config.model.num_classes = 10
-    config.model.final_drop_rate = 0.5
-    config.model.drop_schedule = "linear"
-    config.model.drop_mode = "batch"
     config.model.scan_blocks = True
     config.model.remat = True
-    config.input.dataset = "cifar10"
-    config.input.augment.crop_padding = 4
-    config.input.augment.flip = True
-    config.optim.learning_rate = 0.1
-    config.optim.weight_decay = 1e-4
-    config.optim.boundaries = (0.5, 0.75)
     config.optim.warmup_steps = 400
     config.optim.warmup_type = "constant"
-    config.optim.warmup_factor = 0.1
-    config.train.batch_size = 128
-    config.train.num_epochs = 500
     apply_recipe(config, "paper")  # validation 5k, statistics, batches, lr by epoch, init
     return apply_arg(config, arg)

@@ -27,26 +27,6 @@ from sdjax.config import apply_arg, apply_recipe, default_config
 
 
 def get_config(arg=None):
-    config = default_config()
-    config.seed = 0
-    config.model.name = "cifar_resnet110"
-    config.model.num_classes = 10
-    config.model.final_drop_rate = 0.5
-    config.model.drop_schedule = "linear"
-    config.model.drop_mode = "batch"
-    config.model.scale_by_keep = False
-    config.input.dataset = "cifar10"
-    config.input.augment.crop_padding = 4
-    config.input.augment.flip = True
-    config.optim.optimizer = "sgd"
-    config.optim.learning_rate = 0.1
-    config.optim.momentum = 0.9
-    config.optim.nesterov = True
-    config.optim.weight_decay = 1e-4
-    config.optim.boundaries = (0.5, 0.75)
-    config.optim.decay_factor = 0.1
-    config.train.batch_size = 128
-    config.train.num_epochs = 500
-    config.train.eval_every_epochs = 1
+    config = default_config()  # the paper's model, data, optimizer and schedule
     apply_recipe(config, "paper")  # validation 5k, statistics, batches, lr by epoch, init
     return apply_arg(config, arg)

@@ -14,23 +14,11 @@ Expected: test error within noise of masked row mode at the same rates (``mode=r
         --workdir=/tmp/sdjax_digits_row
 """
 
-import importlib.util
-import pathlib
-
-from sdjax.config import apply_arg
-
-
-def _digits_sd():
-    """`configs/digits_sd.py`, loaded by path (config files are not a package)."""
-    path = pathlib.Path(__file__).with_name("digits_sd.py")
-    spec = importlib.util.spec_from_file_location("digits_sd", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from sdjax.config import apply_arg, sibling_config
 
 
 def get_config(arg=None):
-    config = _digits_sd().get_config()
+    config = sibling_config(__file__, "digits_sd")
     config.model.drop_mode = "row_subset"
     config.model.scale_by_keep = True
     return apply_arg(config, arg)

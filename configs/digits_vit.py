@@ -18,23 +18,11 @@ CPU cores. ``row_subset`` runs each branch on exactly ``k = round((1 - rate) * 6
 the ViT has no BatchNorm, so it computes what masked ``row`` mode computes on such a subset.
 """
 
-import importlib.util
-import pathlib
-
-from sdjax.config import apply_arg
-
-
-def _digits_sd():
-    """`configs/digits_sd.py`, loaded by path (config files are not a package)."""
-    path = pathlib.Path(__file__).with_name("digits_sd.py")
-    spec = importlib.util.spec_from_file_location("digits_sd", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from sdjax.config import apply_arg, sibling_config
 
 
 def get_config(arg=None):
-    config = _digits_sd().get_config()
+    config = sibling_config(__file__, "digits_sd")
     config.model.name = "vit_ti16"  # the ViT family; the fields below make it small
     config.model.patch_size = 2
     config.model.hidden_size = 64

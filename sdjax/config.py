@@ -1,21 +1,23 @@
 """The training config: its schema, config argument strings and per-field checks.
 
 Every hyperparameter of a run lives in one ``ml_collections.ConfigDict``. :func:`default_config`
-is the schema with its defaults (each field documented there); the files in ``configs/`` start
-from it and set what their experiment needs. :func:`apply_arg` applies a config argument string
+is the schema with its defaults (each field documented by the comment beside it); the files in
+``configs/`` start from it, or from a sibling config (:func:`sibling_config`), and set only what
+their experiment changes. :func:`apply_arg` applies a config argument string
 (``--config=configs/cifar10_sd.py:final_drop_rate=0.3,mode=batch``) and :func:`validate_fields`
 checks each field on its own (types and ranges), raising one ``ValueError`` that names the
 field, the bad value and the allowed values.
 
 This module is data: it imports no JAX, no models and no data code. Checks that need the real
 objects (a model name and its fields, the dataset on disk, image shapes, batch size vs devices,
-checkpoints) run once in :func:`sdjax.trainer.build` on the objects it builds anyway; the model
+checkpoints) run once in :func:`sdjax.trainer.check` and :func:`sdjax.trainer.build`; the model
 validates its own fields (drop rate, schedule, mode) when it is constructed.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import math
 import numbers
 import os
@@ -141,83 +143,18 @@ devices (a different device count only reorders float sums), never what is train
 def default_config() -> ml_collections.ConfigDict:
     """Returns the config schema with defaults (the paper's CIFAR-10 setup where one applies).
 
-    Fields:
-      seed: int, seeds parameters, data order, augmentation and drop gates.
-      prng_impl: PRNG implementation of the typed keys, one of ``PRNG_IMPLS``.
-      model.name: a name from ``sdjax.models.names()``.
-      model.*: every other field is passed to ``sdjax.models.create`` (``dtype`` is set from
-        ``train.half_precision``); fields not set here keep the model's own default (e.g.
-        ``scan_blocks``, ``remat``, ``conv_impl``); a config file or a dotted argument
-        (``model.scan_blocks=false``) may add them. The model validates them.
-      input.dataset: ``digits`` | ``cifar10`` | ``cifar100`` | ``svhn_cropped`` | ``imagenet2012``
-        | ``synthetic``.
-      input.data_dir: TFDS data directory; None -> ``$TFDS_DATA_DIR`` -> the tfds default.
-      input.npz_path: None (tfds), or a ``.npz`` export of the dataset (``python -m
-        sdjax.data.npz_export``; keys ``train_images``, ``train_labels``, ``test_images``,
-        ``test_labels``) read with NumPy alone: no TensorFlow is imported. ``train_split`` /
-        ``test_split`` must then be ``train`` / ``test``.
-      input.train_split / input.test_split: TFDS split strings (slices like ``test[:256]`` work).
-      input.use_extra: SVHN only, add the 531k ``extra`` images to the training set.
-      input.validation_size: number of training examples held out (the last ones of a fixed
-        permutation seeded with ``split_seed``) for validation; 0 = no validation split. The
-        paper's code: 5000 of CIFAR's 50k (the rest, 45k, trains).
-      input.train_size: train on this many of the examples left after the validation hold-out
-        (the first ones of the same permutation: a random subset fixed by ``split_seed``, the
-        same for every ``seed``); 0 = all of them. The normalisation statistics come from this
-        subset; the validation and test sets are unchanged.
-      input.augment.crop_padding: zero padding (after normalisation) before the random crop.
-      input.augment.flip: random horizontal flips.
-      input.normalize: normalise the images (statistics of the training part, after the
-        validation hold-out); False feeds the raw values.
-      input.normalization: ``"per_channel"`` (a mean and a std per channel) or
-        ``"pixel_mean_global_std"`` (the paper's code: a mean image ``[H, W, C]`` and one std
-        of all values, ``ddof=1`` as Torch's ``std()``).
-      input.drop_remainder: True drops the last ``N % batch_size`` examples of each epoch's
-        permutation (``N // batch_size`` steps per epoch, one compiled step); False keeps them
-        as a last, smaller batch (``ceil(N / batch_size)`` steps per epoch, as the paper's
-        code; the partial batch compiles the step a second time, and its size must be a
-        multiple of the device count).
-      input.image_size: ImageNet crop size (streamed datasets only; None = native size).
-      input.digits_test_size / input.split_seed: the fixed stratified digits test split;
-        ``split_seed`` also seeds the validation hold-out.
-      input.synthetic_*: shape and size of the synthetic dataset.
-      input.shuffle_buffer: tf.data shuffle buffer (streamed datasets only).
-      optim.*: see ``sdjax.optim.create``; ``learning_rate`` must lie in float32's positive
-        normal range. ``lr_schedule="step"`` drops at fractions ``boundaries`` of the steps;
-        ``"epoch_step"`` drops by epoch as the paper's code (1-based epoch ``e`` trains at
-        ``learning_rate * decay_factor ** #{b : e >= b * num_epochs}``).
-      train.batch_size: global batch size (divisible by ``jax.device_count()``).
-      train.eval_batch_size: global eval batch size (divisible by the device count).
-      train.num_epochs / train.num_train_steps: length; steps > 0 overrides epochs.
-      train.eval_every_epochs: evaluate (validation and test) every this many epochs.
-      train.checkpoint_every_steps / train.keep_checkpoints: periodic saves (also at epoch ends).
-      train.log_every_steps: train metrics cadence (also when the loss and the new state are
-        checked for NaN/inf).
-      train.half_precision: bf16 compute (params and optimizer stay float32).
-      train.drop_warmup_fraction: in [0, 1); the drop rates ramp linearly from 0 to their
-        configured values over this fraction of the total steps (0 = no warm-up).
-      train.allow_config_change: resume a checkpoint although fields that change the trajectory
-        (all but ``HARMLESS_FIELDS``) differ from the config saved with it.
-      train.distributed: call ``jax.distributed.initialize`` (multi-host); the coordinator
-        fields are passed to it when set (else auto-detected on TPU/SLURM).
-      train.progress_bar: show a progress bar (only on an interactive terminal).
-      train.tensorboard: also write TensorBoard events (needs clu and TensorFlow); False writes
-        only ``metrics.jsonl`` and the log, so that a run on ``input.npz_path`` imports no
-        TensorFlow.
-      train.num_cpu_devices: 0 leaves JAX's CPU device count alone (1 unless
-        ``JAX_NUM_CPU_DEVICES`` says otherwise); n > 0 splits the CPU backend into n devices
-        (``sdjax.runtime.setup``, before JAX initializes) and training runs data-parallel over
-        them. Only the CPU backend is affected.
-      train.host_malloc: ``"auto"`` | ``"reuse"`` | ``"system"``, the host allocator setting
-        ``sdjax.runtime.setup`` applies (see ``sdjax.host_malloc``).
+    Each field is documented by the comment beside it. ``model.*`` fields not set here keep the
+    model's own default (e.g. ``scan_blocks``, ``remat``, ``conv_impl``); a config file or a
+    dotted argument (``model.scan_blocks=false``) may add them, and the model validates them.
     """
     c = ml_collections.ConfigDict()
-    c.seed = 0
-    c.prng_impl = "threefry2x32"
+    c.seed = 0  # seeds parameters, data order, augmentation and drop gates
+    c.prng_impl = "threefry2x32"  # the typed keys' PRNG implementation, one of PRNG_IMPLS
 
-    # The paper's stochastic-depth fields; other model fields keep the model's defaults.
+    # Passed to sdjax.models.create (with dtype from train.half_precision): the paper's
+    # stochastic-depth fields; other model fields keep the model's defaults.
     c.model = ml_collections.ConfigDict()
-    c.model.name = "cifar_resnet110"
+    c.model.name = "cifar_resnet110"  # a name from sdjax.models.names()
     c.model.num_classes = 10
     c.model.final_drop_rate = 0.5
     c.model.drop_schedule = "linear"
@@ -225,34 +162,59 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.scale_by_keep = False
 
     c.input = ml_collections.ConfigDict()
+    # digits | cifar10 | cifar100 | svhn_cropped | imagenet2012 | synthetic
     c.input.dataset = "cifar10"
+    # TFDS data directory; None -> $TFDS_DATA_DIR -> the tfds default.
     c.input.data_dir = ml_collections.config_dict.placeholder(str)
+    # None (tfds), or a .npz export of the dataset (python -m sdjax.data.npz_export; keys
+    # train_images, train_labels, test_images, test_labels) read with NumPy alone: no TensorFlow
+    # is imported. train_split / test_split must then be train / test.
     c.input.npz_path = ml_collections.config_dict.placeholder(str)
-    c.input.train_split = "train"
+    c.input.train_split = "train"  # TFDS split strings (slices like test[:256] work)
     c.input.test_split = "test"
-    c.input.use_extra = False
+    c.input.use_extra = False  # SVHN only: add the 531k `extra` images to the training set
+    # Training examples held out for validation (the last ones of a fixed permutation seeded
+    # with split_seed); 0 = no validation split. The paper's code: 5000 of CIFAR's 50k.
     c.input.validation_size = 0
+    # Train on this many of the examples left after the hold-out (the first ones of the same
+    # permutation: a subset fixed by split_seed, the same for every seed); 0 = all of them. The
+    # normalisation statistics come from this subset; validation and test are unchanged.
     c.input.train_size = 0
+    # crop_padding: zero padding (after normalisation) before the random crop; flip: random
+    # horizontal flips.
     c.input.augment = ml_collections.ConfigDict({"crop_padding": 4, "flip": True})
+    # Normalise the images (statistics of the training part, after the hold-out); False feeds
+    # the raw values.
     c.input.normalize = True
+    # "per_channel" (a mean and a std per channel) or "pixel_mean_global_std" (the paper's code:
+    # a mean image [H, W, C] and one std of all values, ddof=1 as Torch's std()).
     c.input.normalization = "per_channel"
+    # True drops the last N % batch_size examples of each epoch's permutation (N // batch_size
+    # steps per epoch, one compiled step); False keeps them as a last, smaller batch
+    # (ceil(N / batch_size) steps, as the paper's code; the partial batch compiles the step a
+    # second time, and its size must be a multiple of the device count).
     c.input.drop_remainder = True
+    # ImageNet crop size (streamed datasets only; None = native size).
     c.input.image_size = ml_collections.config_dict.placeholder(int)
-    c.input.digits_test_size = 360
-    c.input.split_seed = 0
-    c.input.synthetic_image_shape = (32, 32, 3)
+    c.input.digits_test_size = 360  # the fixed stratified digits test split
+    c.input.split_seed = 0  # seeds the digits test split and the validation hold-out
+    c.input.synthetic_image_shape = (32, 32, 3)  # the synthetic dataset's shape and size
     c.input.synthetic_num_train = 1024
     c.input.synthetic_num_test = 256
     c.input.synthetic_num_classes = 10
-    c.input.shuffle_buffer = 16384
+    c.input.shuffle_buffer = 16384  # tf.data shuffle buffer (streamed datasets only)
 
+    # See sdjax.optim.create.
     c.optim = ml_collections.ConfigDict()
     c.optim.optimizer = "sgd"
-    c.optim.learning_rate = 0.1
+    c.optim.learning_rate = 0.1  # within float32's positive normal range
     c.optim.momentum = 0.9
     c.optim.nesterov = True
     c.optim.weight_decay = 1e-4
     c.optim.weight_decay_on = "all"
+    # "step" drops at fractions `boundaries` of the steps; "epoch_step" drops by epoch as the
+    # paper's code (1-based epoch e trains at learning_rate * decay_factor ** #{b : e >= b *
+    # num_epochs}).
     c.optim.lr_schedule = "step"
     c.optim.boundaries = (0.5, 0.75)
     c.optim.decay_factor = 0.1
@@ -270,26 +232,54 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim.label_smoothing = 0.0
 
     c.train = ml_collections.ConfigDict()
-    c.train.batch_size = 128
-    c.train.eval_batch_size = 500
+    c.train.batch_size = 128  # global batch size (divisible by jax.device_count())
+    c.train.eval_batch_size = 500  # global eval batch size (divisible by the device count)
     c.train.num_epochs = 500
-    c.train.num_train_steps = -1
-    c.train.eval_every_epochs = 1
-    c.train.checkpoint_every_steps = 1000
+    c.train.num_train_steps = -1  # > 0 overrides num_epochs
+    c.train.eval_every_epochs = 1  # evaluate (validation and test) every this many epochs
+    c.train.checkpoint_every_steps = 1000  # periodic saves (also at epoch ends)
     c.train.keep_checkpoints = 3
+    # Train metrics cadence (also when the loss and the new state are checked for NaN/inf).
     c.train.log_every_steps = 50
-    c.train.half_precision = False
+    c.train.half_precision = False  # bf16 compute (params and optimizer stay float32)
+    # In [0, 1): the drop rates ramp linearly from 0 to their configured values over this
+    # fraction of the total steps (0 = no warm-up).
     c.train.drop_warmup_fraction = 0.0
+    # Resume a checkpoint although fields that change the trajectory (all but HARMLESS_FIELDS)
+    # differ from the config saved with it.
     c.train.allow_config_change = False
+    # Call jax.distributed.initialize (multi-host); the coordinator fields are passed to it
+    # when set (else auto-detected on TPU/SLURM).
     c.train.distributed = False
     c.train.coordinator_address = ml_collections.config_dict.placeholder(str)
     c.train.num_processes = ml_collections.config_dict.placeholder(int)
     c.train.process_id = ml_collections.config_dict.placeholder(int)
-    c.train.progress_bar = True
+    c.train.progress_bar = True  # show a progress bar (only on an interactive terminal)
+    # Also write TensorBoard events (needs clu and TensorFlow); False writes only metrics.jsonl
+    # and the log, so that a run on input.npz_path imports no TensorFlow.
     c.train.tensorboard = True
+    # 0 leaves JAX's CPU device count alone (1 unless JAX_NUM_CPU_DEVICES says otherwise);
+    # n > 0 splits the CPU backend into n devices (sdjax.runtime.setup, before JAX initializes)
+    # and training runs data-parallel over them. Only the CPU backend is affected.
     c.train.num_cpu_devices = 0
+    # "auto" | "reuse" | "system": the host allocator setting sdjax.runtime.setup applies (see
+    # sdjax.host_malloc).
     c.train.host_malloc = "auto"
     return c
+
+
+def sibling_config(config_file: str, name: str, arg: str | None = None):
+    """``get_config(arg)`` of the config file ``<name>.py`` in the folder of ``config_file``.
+
+    Config files are not a package; a derived config loads the one it derives from by path::
+
+        config = sibling_config(__file__, "cifar10_sd")
+    """
+    path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"sdjax_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
 
 
 ALIASES = {
