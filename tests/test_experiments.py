@@ -353,3 +353,18 @@ def test_library_path_times_both_steps_side_by_side(tmp_path):
     assert result["library_over_trainer"] == median["library"] / median["trainer"]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["library_over_trainer"] == result["library_over_trainer"]
+
+
+def test_pruning_gaps_are_paired_by_seed():
+    from experiments.pruning import run as pruning  # noqa: PLC0415
+
+    def run(arm, seed, error_at_2):
+        errors = {"0": 1.0, "2": error_at_2}
+        return {"variant": arm, "seed": seed, "errors": {o: errors for o in pruning.ORDERS}}
+
+    runs = [run("constant", 0, 10.0), run("sd", 0, 4.0), run("constant", 1, 30.0)]
+    runs += [run("sd", 1, 22.0), run("constant", 2, 20.0)]  # seed 2 has no SD run: left out
+    row = pruning.analyse(runs, [0, 2])["random"][1]
+    assert (row["n"], row["constant"], row["sd"], row["gap"]) == (2, 20.0, 13.0, -7.0)
+    # Paired: differences -6 and -8, sd 1.414, t(0.975, 1) = 12.706 -> half-width 12.706.
+    assert row["low"] == pytest.approx(-7.0 - 12.7062, abs=1e-3)
