@@ -39,17 +39,12 @@ def _to_python(value: Any) -> Any:
     return value
 
 
-class JsonlWriter:
-    """A writer with clu's ``MetricWriter`` methods that appends scalars as JSON lines to
-    ``path`` (clu is not imported)."""
+class _NullWriter:
+    """clu's ``MetricWriter`` methods, each writing nothing (processes other than 0; the base of
+    :class:`JsonlWriter`, which writes scalars only). clu is not imported."""
 
-    def __init__(self, path: str):
-        self._file = open(path, "a")  # noqa: SIM115 (closed in close())
-
-    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        record = {"step": int(step), **{k: _to_python(v) for k, v in scalars.items()}}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+    def write_scalars(self, step, scalars):
+        pass
 
     def write_summaries(self, step, values, metadata=None):
         pass
@@ -71,6 +66,24 @@ class JsonlWriter:
 
     def write_hparams(self, hparams):
         pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlWriter(_NullWriter):
+    """Appends each ``write_scalars`` call to ``path`` as one JSON line (flushed at once)."""
+
+    def __init__(self, path: str):
+        self._file = open(path, "a")  # noqa: SIM115 (closed in close())
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        record = {"step": int(step), **{k: _to_python(v) for k, v in scalars.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
 
     def flush(self) -> None:
         self._file.flush()
@@ -103,40 +116,6 @@ def truncate_records(path: str, last_step: int) -> list[dict[str, Any]]:
         f.writelines(json.dumps(r) + "\n" for r in kept)
     os.replace(tmp, path)
     return kept
-
-
-class _NullWriter:
-    """Writes nothing (processes other than 0)."""
-
-    def write_scalars(self, step, scalars):
-        pass
-
-    def write_summaries(self, step, values, metadata=None):
-        pass
-
-    def write_images(self, step, images):
-        pass
-
-    def write_videos(self, step, videos):
-        pass
-
-    def write_audios(self, step, audios, *, sample_rate):
-        pass
-
-    def write_texts(self, step, texts):
-        pass
-
-    def write_histograms(self, step, arrays, num_buckets=None):
-        pass
-
-    def write_hparams(self, hparams):
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def create_writer(
