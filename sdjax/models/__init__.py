@@ -1,7 +1,7 @@
 """sdjax models: the paper's CIFAR ResNets, ImageNet ResNets and EfficientNet B0-B7.
 
 Every model is a Flax Linen module with stochastic depth wired in (see
-:class:`sdjax.models.base.StochasticDepthFields` for the fields they share)::
+:class:`sdjax.models.base.StochasticDepthModel` for the fields they share)::
 
     import jax, jax.numpy as jnp
     import sdjax.models

@@ -1,6 +1,6 @@
 """The fields every sdjax model has, their validation, and the per-block drop rates.
 
-:class:`StochasticDepthFields` is the base class of :class:`~sdjax.models.CifarResNet`,
+:class:`StochasticDepthModel` is the base class of :class:`~sdjax.models.CifarResNet`,
 :class:`~sdjax.models.ResNet` and :class:`~sdjax.models.EfficientNet`. It declares the shared
 fields once (keyword-only, with the paper's defaults; a model restates only a default it
 changes), checks them at construction time (before anything is compiled), and builds the
@@ -29,7 +29,7 @@ from sdjax.models.conv_norm import Conv
 from sdjax.ops import RESIDUAL_MODES
 
 __all__ = [
-    "StochasticDepthFields",
+    "StochasticDepthModel",
     "check_drop_rate_scale",
     "check_input",
     "dataclass_fields",
@@ -82,7 +82,7 @@ def model_default(default: Any) -> Any:
     return dataclasses.field(default=default, kw_only=True)
 
 
-class StochasticDepthFields(nn.Module, kw_only=True):
+class StochasticDepthModel(nn.Module, kw_only=True):
     """Base class of the sdjax models: the shared fields (keyword-only) and their checks.
 
     Attributes:

@@ -3,7 +3,7 @@
 A block is a Linen module built from factories (``ModuleDef``, as in flax's
 ``examples/imagenet``): ``conv`` and ``norm`` make its layers, ``drop_path`` makes the
 :class:`sdjax.layers.DropPathResidual` that adds the (possibly dropped) branch to the shortcut.
-The model builds the three once (:meth:`sdjax.models.base.StochasticDepthFields.block_defs`).
+The model builds the three once (:meth:`sdjax.models.base.StochasticDepthModel.block_defs`).
 
 Blocks are called as ``block(x, rate, block_index, key)``: ``rate`` is the block's drop
 probability (a Python float, or a float32 0-d array inside ``nn.scan`` or with a

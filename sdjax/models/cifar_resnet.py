@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sdjax.models.base import (
-    StochasticDepthFields,
+    StochasticDepthModel,
     check_drop_rate_scale,
     check_input,
     model_key,
@@ -88,7 +88,7 @@ class CifarResNetBlock(ResidualBlock):
         return nn.relu(self.residual(branch, x, shortcut, rate, block_index, key))
 
 
-class CifarResNet(StochasticDepthFields):
+class CifarResNet(StochasticDepthModel):
     """CIFAR ResNet of depth ``6n + 2`` with stochastic depth (the paper's defaults).
 
     Attributes:
@@ -108,7 +108,7 @@ class CifarResNet(StochasticDepthFields):
       The shared fields (keyword-only) with their defaults -- 10 classes, the paper's linear
       decay to ``final_drop_rate=0.5``, ``drop_mode="batch"``, eval-time scaling, scanned
       blocks, BatchNorm 0.9 / 1e-5 (Torch's 0.1 / 1e-5) -- are those of
-      :class:`sdjax.models.base.StochasticDepthFields`.
+      :class:`sdjax.models.base.StochasticDepthModel`.
 
     Call: ``model.apply(variables, x, train=..., drop_rate_scale=None, rngs={"dropout": key},
     mutable=["batch_stats"])`` with ``x`` float ``(N, H, W, input_channels)``, ``H, W >= 4``;

@@ -94,7 +94,7 @@ class ConvNeXt(LayerNormNet):
       layer_scale_init: LayerScale initial value (1e-6 here; None disables it).
       The other LayerNorm-family fields and defaults are those of
       :class:`sdjax.models.ln_base.LayerNormNet`; the shared fields those of
-      :class:`sdjax.models.base.StochasticDepthFields`.
+      :class:`sdjax.models.base.StochasticDepthModel`.
 
     Call: ``model.apply(variables, x, train=..., drop_rate_scale=None, rngs={"dropout": key})``
     with ``x`` float ``(N, H, W, input_channels)``, ``H, W >= 32``; returns float32 logits

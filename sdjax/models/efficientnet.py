@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from sdjax.checks import check_rate
 from sdjax.layers import Dropout
 from sdjax.models.base import (
-    StochasticDepthFields,
+    StochasticDepthModel,
     check_drop_rate_scale,
     check_input,
     model_default,
@@ -182,7 +182,7 @@ class MBConvBlock(ResidualBlock):
         return self.residual(branch, x, x, rate, block_index, key)
 
 
-class EfficientNet(StochasticDepthFields):
+class EfficientNet(StochasticDepthModel):
     """EfficientNet (B0 by default; the registry sets the variant coefficients).
 
     Attributes:
@@ -192,7 +192,7 @@ class EfficientNet(StochasticDepthFields):
       dropout_rate: dropout before the classifier (0.2 for B0; not scaled by
         ``drop_rate_scale``).
       The shared fields (keyword-only) are those of
-      :class:`sdjax.models.base.StochasticDepthFields`, with the reference's defaults here:
+      :class:`sdjax.models.base.StochasticDepthModel`, with the reference's defaults here:
       ``num_classes=1000``, ``final_drop_rate=0.2`` (the reference ``drop_connect_rate``),
       ``drop_schedule="efficientnet"`` (``rate * b / L``; rates apply to identity-shortcut
       blocks only), ``drop_mode="row"``, ``scale_by_keep=True``, BatchNorm 0.99 / 1e-3.

@@ -1,6 +1,6 @@
 """The shared base of the LayerNorm families (ViT/DeiT and ConvNeXt), with timm's conventions.
 
-:class:`LayerNormNet` is a :class:`sdjax.models.base.StochasticDepthFields` whose defaults and
+:class:`LayerNormNet` is a :class:`sdjax.models.base.StochasticDepthModel` whose defaults and
 per-block rates follow the reference implementations these families are trained with (timm's
 ``vision_transformer.py`` and ``convnext.py``):
 
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from sdjax import schedules
 from sdjax.checks import check_rate
 from sdjax.layers import DropPathResidual
-from sdjax.models.base import StochasticDepthFields, _check_real, model_default
+from sdjax.models.base import StochasticDepthModel, _check_real, model_default
 from sdjax.models.conv_norm import Conv
 
 __all__ = ["LayerNormNet", "gelu", "layer_scale", "linspace_rates", "trunc_normal"]
@@ -66,7 +66,7 @@ def linspace_rates(num_blocks: int, rate: float) -> tuple[float, ...]:
     return tuple(rate * b / (num_blocks - 1) for b in range(num_blocks))
 
 
-class LayerNormNet(StochasticDepthFields):
+class LayerNormNet(StochasticDepthModel):
     """Base of :class:`~sdjax.models.vit.ViT` and :class:`~sdjax.models.convnext.ConvNeXt`.
 
     Attributes:
@@ -74,7 +74,7 @@ class LayerNormNet(StochasticDepthFields):
         by a learned per-channel vector initialised to this value. None (or 0): no LayerScale.
       layer_norm_epsilon: epsilon of every LayerNorm (1e-6).
       The shared fields (keyword-only) are those of
-      :class:`sdjax.models.base.StochasticDepthFields`, with timm's defaults here:
+      :class:`sdjax.models.base.StochasticDepthModel`, with timm's defaults here:
       ``num_classes=1000``, ``final_drop_rate=0.1``, ``drop_mode="row"``,
       ``scale_by_keep=True``; ``drop_schedule="linear"`` means :func:`linspace_rates` (see the
       module docstring for how it differs from the paper's rule).

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from sdjax.models.base import (
-    StochasticDepthFields,
+    StochasticDepthModel,
     check_drop_rate_scale,
     check_input,
     model_default,
@@ -94,7 +94,7 @@ class ResNetBlock(ResidualBlock):
         return nn.relu(self.residual(branch, x, shortcut, rate, block_index, key))
 
 
-class ResNet(StochasticDepthFields):
+class ResNet(StochasticDepthModel):
     """ImageNet ResNet (18, 34, 50, 101, 152) with stochastic depth per block.
 
     Attributes:
@@ -102,7 +102,7 @@ class ResNet(StochasticDepthFields):
       width: base filters of the first stage (64).
       num_classes: number of logits (1000).
       The other shared fields (keyword-only) keep the defaults of
-      :class:`sdjax.models.base.StochasticDepthFields`: the paper's ImageNet setting (linear
+      :class:`sdjax.models.base.StochasticDepthModel`: the paper's ImageNet setting (linear
       decay to ``final_drop_rate=0.5``, batch mode, eval-time scaling), scanned blocks,
       BatchNorm 0.9 / 1e-5.
 

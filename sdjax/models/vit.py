@@ -157,7 +157,7 @@ class ViT(LayerNormNet):
       mlp_ratio: MLP hidden width over ``hidden_size`` (4.0).
       The LayerNorm-family fields (``layer_scale_init``, ``layer_norm_epsilon``) and defaults are
       those of :class:`sdjax.models.ln_base.LayerNormNet`; the shared fields those of
-      :class:`sdjax.models.base.StochasticDepthFields`.
+      :class:`sdjax.models.base.StochasticDepthModel`.
 
     The position embedding has one entry per patch of the image size seen at ``init`` (plus the
     class token); apply with images of that size.
