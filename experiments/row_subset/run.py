@@ -192,6 +192,16 @@ def write_report(
     return results
 
 
+def _run_plan(args, base: dict[str, Any], variant: str, seed: int):
+    """``(workdir, overrides)`` of one run: what training and ``--aggregate_only`` both plan."""
+    workdir = (
+        pathlib.Path(args.workdir_root)
+        / f"depth{args.depth}_ep{args.epochs}"
+        / f"{variant}_seed{seed}"
+    )
+    return workdir, {**base, **variant_overrides(variant), "seed": seed}
+
+
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     out_dir = common.results_dir(RESULTS_DIR, args.out)
@@ -205,12 +215,7 @@ def main(argv=None) -> dict[str, Any]:
         committed, runs_prov = common.committed_runs(out_dir)
         for seed in range(args.seeds):
             for variant in VARIANTS:
-                workdir = (
-                    pathlib.Path(args.workdir_root)
-                    / f"depth{args.depth}_ep{args.epochs}"
-                    / f"{variant}_seed{seed}"
-                )
-                overrides = {**base, **variant_overrides(variant), "seed": seed}
+                workdir, overrides = _run_plan(args, base, variant, seed)
                 planned = common.train_command(CONFIG, workdir, overrides)
                 run = common.find_run(committed, variant, seed, planned)
                 if run is not None:
@@ -222,12 +227,7 @@ def main(argv=None) -> dict[str, Any]:
     start = time.time()
     for seed in range(args.seeds):  # seed-major: partial results are paired
         for variant in VARIANTS:
-            workdir = (
-                pathlib.Path(args.workdir_root)
-                / f"depth{args.depth}_ep{args.epochs}"
-                / f"{variant}_seed{seed}"
-            )
-            overrides = {**base, **variant_overrides(variant), "seed": seed}
+            workdir, overrides = _run_plan(args, base, variant, seed)
             result = common.train_run(CONFIG, workdir, overrides)
             result.pop("curves")
             runs.append({"variant": variant, "seed": seed, **result})
