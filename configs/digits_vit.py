@@ -1,11 +1,11 @@
 """scikit-learn digits (8x8x1), a small ViT with drop path on each attention and MLP branch.
 
-`configs/digits_sd.py` with a 6-block ViT instead of the ResNet: 2x2 patches (16 tokens and a
-class token), width 64, 4 heads, MLP ratio 2, timm's rates ``linspace(0, 0.2, 6)`` per block on
-both branches, drawn per sample with train-time scaling; RMSProp with momentum (as the EfficientNet
-recipe; `optim.optimizer=adamw` is the DeiT choice), a 2-epoch linear warm-up and a cosine schedule, 60 epochs, no random crops; weight
-decay on kernels only (not on the position embedding, class token, LayerNorms or biases, as
-DeiT). A few minutes on two CPU cores in each mode:
+`configs/digits_sd.py` with a 6-block ViT instead of the ResNet: 2x2 patches (16 tokens and a class
+token), width 64, 4 heads, MLP ratio 2, timm's rates ``linspace(0, 0.2, 6)`` per block on both
+branches, drawn per sample with train-time scaling; RMSProp with momentum (as the EfficientNet
+recipe; `optim.optimizer=adamw` is the DeiT choice), a 2-epoch linear warm-up and a cosine
+schedule, 60 epochs, no random crops; weight decay on kernels only (not on the position embedding,
+class token, LayerNorms or biases, as DeiT). A few minutes on two CPU cores in each mode:
 
     python -m sdjax.main --config=configs/digits_vit.py --workdir=/tmp/sdjax_digits_vit
     python -m sdjax.main --config=configs/digits_vit.py:mode=batch --workdir=/tmp/dv_batch
