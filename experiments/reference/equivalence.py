@@ -15,6 +15,10 @@ for one batch:
 
 Each check returns the largest absolute difference; `main` prints them and fails on a mismatch.
 
+`crossed_run` (`--crossed_seed`) goes from steps to a whole run: the CIFAR-10 comparison's
+constant-depth run of a seed, both frameworks from the same weights on the same augmented
+batches, taken from one framework's random draws (which decide the outcome; see the README).
+
     python -m experiments.reference.equivalence --depth 32 --keys 4
 """
 
@@ -274,6 +278,195 @@ def trajectory(
     return out
 
 
+def _from_torch_state(state: dict[str, Any], depth: int) -> dict[str, Any]:
+    """The unrolled sdjax CifarResNet variables of a torch `state_dict` (inverse of
+    `_to_torch_state`)."""
+    a = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v)
+         for k, v in state.items()}  # fmt: skip
+    params: dict[str, Any] = {}
+    stats: dict[str, Any] = {}
+
+    def conv(name):
+        return {"kernel": a[name + ".weight"].transpose(2, 3, 1, 0)}
+
+    def bn(name):
+        return (
+            {"scale": a[name + ".weight"], "bias": a[name + ".bias"]},
+            {"mean": a[name + ".running_mean"], "var": a[name + ".running_var"]},
+        )
+
+    params["stem_conv"] = conv("stem.0")
+    params["stem_bn"], stats["stem_bn"] = bn("stem.1")
+    n = (depth - 2) // 6
+    for b in range(3 * n):
+        prefix = f"blocks.{b}.residual.branch"
+        bn1, s1 = bn(prefix + ".1")
+        bn2, s2 = bn(prefix + ".4")
+        branch = {
+            "conv1": conv(prefix + ".0"),
+            "bn1": bn1,
+            "conv2": conv(prefix + ".3"),
+            "bn2": bn2,
+        }
+        name = f"stage{b // n + 1}_block{b % n}"
+        params[name] = {"residual": {"branch": branch}}
+        stats[name] = {"residual": {"branch": {"bn1": s1, "bn2": s2}}}
+    params["head"] = {"kernel": a["fc.weight"].T, "bias": a["fc.bias"]}
+    return {"params": params, "batch_stats": stats}
+
+
+def crossed_run(
+    seed: int,
+    draws: str,
+    data_dir: str | None = None,
+    depth: int = 20,
+    train_size: int = 1024,
+    epochs: int = 20,
+    frameworks: tuple[str, ...] = ("sdjax", "torch"),
+    stop_after: int | None = None,
+) -> dict[str, Any]:
+    """Both frameworks trained at constant depth from the same weights on the same batches.
+
+    The CIFAR-10 comparison's constant-depth run (`compare.py --dataset cifar10`: ResNet-`depth`,
+    `train[:train_size]`, `epochs` epochs, `configs/cifar10_sd.py:recipe=sdjax` as the regime
+    study runs it) with the random draws of one framework for `seed`, fed to both:
+
+    * `draws="sdjax"`: sdjax's initial weights (`sdjax.trainer.build`, the init key of `seed`)
+      and sdjax's augmented batches (`data.train_batch` and `augment.preprocess` with the step's
+      key `fold_in(fold_in(train_key, step), 1)`), i.e. the draws of sdjax's run of that seed;
+    * `draws="torch"`: `train_torch`'s initial weights (`torch.manual_seed(seed)`,
+      `init_like_sdjax`) and its augmented batches (`normalize`, `random_crop`, `random_flip`
+      with `default_rng([seed, 7919])`), i.e. the draws of the PyTorch run of that seed.
+
+    The example order is the same in both (`default_rng([seed, epoch]).permutation`). sdjax trains
+    with `sdjax.steps.train_step` (its augmentation replaced by the identity, the batch being
+    augmented already) and the optimizer sdjax builds for the config; PyTorch as `train_torch`
+    (`torch.optim.SGD`, `train_torch.learning_rate`). `stop_after` ends the run early (the
+    schedule still that of `epochs`; no evaluation then). Returns per-framework per-epoch mean
+    train losses (over each epoch's steps, as `train_torch` reports them) and test errors with
+    the running BatchNorm averages.
+    """
+    import functools
+    import importlib.util
+    import tempfile
+
+    import jax
+    import torch
+    import torch.nn.functional as F
+
+    from experiments import common
+    from experiments.reference import torch_models, train_torch
+    from sdjax import models, steps, trainer
+    from sdjax.data.augment import preprocess
+    from sdjax.data.pipeline import batch_indices
+
+    if draws not in ("sdjax", "torch"):
+        raise ValueError(f"draws must be sdjax or torch, got {draws!r}")
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location(
+        "cifar10_sd", common.REPO_ROOT / "configs" / "cifar10_sd.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("recipe=sdjax")
+    config.model.name = f"cifar_resnet{depth}"
+    config.model.final_drop_rate = 0.0
+    config.input.train_split = f"train[:{train_size}]"
+    config.train.num_epochs = epochs
+    config.train.eval_every_epochs = epochs
+    config.train.progress_bar = False
+    config.train.tensorboard = False
+    config.seed = seed
+    if data_dir:
+        config.input.data_dir = data_dir
+    t = trainer.build(config, tempfile.mkdtemp(prefix="crossed_run_"))
+    data, spe, total = t.data, t.steps_per_epoch, t.total_steps
+    mean32 = np.asarray(data.mean, np.float32)
+    std32 = np.asarray(data.std, np.float32)
+    x_train = data.train[0].transpose(0, 3, 1, 2)  # NCHW uint8, as train_torch reads it
+    x_train = train_torch.normalize(x_train, mean32, std32)
+    y_train = np.asarray(data.train[1], np.int64)
+
+    torch.manual_seed(seed)
+    tmodel = torch_models.CifarResNet(depth, None, "batch", False, 10, input_channels=3,
+                                      same_padding=True)  # fmt: skip
+    if draws == "torch":
+        train_torch.init_like_sdjax(tmodel)
+        variables = models.unrolled_to_scan(_from_torch_state(tmodel.state_dict(), depth))
+        state = t.state.replace(
+            params=jax.tree.map(jax.numpy.asarray, variables["params"]),
+            batch_stats=jax.tree.map(jax.numpy.asarray, variables["batch_stats"]),
+        )
+    else:
+        state = t.state
+        unrolled = models.scan_to_unrolled(
+            {
+                "params": jax.device_get(state.params),
+                "batch_stats": jax.device_get(state.batch_stats),
+            }
+        )
+        torch_state = {
+            k: torch.from_numpy(np.array(v)) for k, v in _to_torch_state(unrolled, depth).items()
+        }
+        tmodel.load_state_dict(torch_state, strict=False)
+    identity = dict(mean=(0.0,) * 3, std=(1.0,) * 3, crop_padding=0, flip=False)
+    jax_step = jax.jit(functools.partial(steps.train_step, augment_kwargs=identity, num_classes=10))
+    augment = jax.jit(functools.partial(preprocess, **data.augment_kwargs()))
+    topt = torch.optim.SGD(tmodel.parameters(), lr=0.1, momentum=0.9, nesterov=True,
+                           weight_decay=1e-4)  # fmt: skip
+    tmodel.train()
+    augment_rng = np.random.default_rng([seed, 7919])
+    losses: dict[str, list[float]] = {fw: [] for fw in frameworks}
+    last = total if stop_after is None else min(stop_after, total)
+    for step in range(last):
+        idx = batch_indices(seed, step, config.train.batch_size, len(y_train))
+        if draws == "torch":
+            batch = train_torch.random_crop(x_train[idx], augment_rng, 4)
+            batch = np.ascontiguousarray(train_torch.random_flip(batch, augment_rng))
+            nhwc = batch.transpose(0, 2, 3, 1)
+        else:
+            key = jax.random.fold_in(jax.random.fold_in(t.train_key, step), 1)
+            nhwc = np.asarray(augment(data.train[0][idx], key))
+            batch = np.ascontiguousarray(nhwc.transpose(0, 3, 1, 2))
+        if "sdjax" in frameworks:
+            state, metrics = jax_step(
+                state, {"image": nhwc, "label": data.train[1][idx]}, t.train_key
+            )
+            losses["sdjax"].append(float(metrics["loss"]))
+        if "torch" in frameworks:
+            for group in topt.param_groups:
+                group["lr"] = train_torch.learning_rate(step, total, spe, warmup_epochs=0.0)
+            topt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(tmodel(torch.from_numpy(batch)), torch.from_numpy(y_train[idx]))
+            loss.backward()
+            topt.step()
+            losses["torch"].append(float(loss.detach()))
+    out: dict[str, Any] = {"seed": seed, "draws": draws, "steps": last, "total_steps": total}
+    for fw in frameworks:
+        per_epoch = [float(np.mean(losses[fw][e : e + spe])) for e in range(0, last, spe)]
+        out[fw] = {"train_loss_per_epoch": per_epoch, "step_losses": losses[fw]}
+    if last < total:
+        return out
+    if "sdjax" in frameworks:
+        correct = count = 0.0
+        for b in data.eval_batches("test", config.train.eval_batch_size):
+            m = t.eval_fn(state, b)
+            correct += float(m["correct"])
+            count += float(m["count"])
+        out["sdjax"]["test_error"] = 1.0 - correct / count
+    if "torch" in frameworks:
+        x_test = train_torch.normalize(data.test[0].transpose(0, 3, 1, 2), mean32, std32)
+        y_test = np.asarray(data.test[1])
+        tmodel.eval()
+        correct = 0
+        with torch.no_grad():
+            for lo in range(0, len(y_test), 500):
+                logits = tmodel(torch.from_numpy(x_test[lo : lo + 500]))
+                correct += int((logits.argmax(1).numpy() == y_test[lo : lo + 500]).sum())
+        out["torch"]["test_error"] = 1.0 - correct / len(y_test)
+    return out
+
+
 def _spatial(name: str, depth: int, image_size: int = 8) -> int:
     """H*W of the activations a BatchNorm named `name` normalises (square input)."""
     if name.startswith("stem"):
@@ -299,7 +492,19 @@ def main(argv=None) -> dict[str, float]:
         help="also train this many steps in both frameworks from the same weights (see trajectory)",
     )  # fmt: skip
     parser.add_argument("--out", default=None, help="also write the differences to this JSON file")
+    parser.add_argument(
+        "--crossed_seed", type=int, default=None,
+        help="instead: the CIFAR-10 constant-depth run of this seed, both frameworks on one "
+        "framework's draws (see crossed_run)",
+    )  # fmt: skip
+    parser.add_argument("--crossed_draws", choices=("sdjax", "torch"), default="torch")
+    parser.add_argument(
+        "--crossed_frameworks", default="sdjax,torch", help="comma-separated: sdjax, torch"
+    )
+    parser.add_argument("--data_dir", default=None, help="crossed: tfds data dir")
     args = parser.parse_args(argv)
+    if args.crossed_seed is not None:
+        return _crossed_main(args)
     diffs = compare(
         args.depth,
         args.keys,
@@ -337,6 +542,22 @@ def main(argv=None) -> dict[str, float]:
     if bad:
         raise SystemExit(f"mismatch beyond {args.tolerance}: {bad}")
     return diffs
+
+
+def _crossed_main(args) -> dict[str, Any]:
+    """`--crossed_seed`: one `crossed_run`, printed and written to `--out` with provenance."""
+    frameworks = tuple(f for f in args.crossed_frameworks.split(",") if f)
+    result = crossed_run(args.crossed_seed, args.crossed_draws, args.data_dir, args.depth,
+                         frameworks=frameworks)  # fmt: skip
+    print(json.dumps({fw: {k: v for k, v in result[fw].items() if k != "step_losses"}
+                      for fw in frameworks}, indent=1))  # fmt: skip
+    if args.out:
+        from experiments import common
+
+        prov = common.provenance()
+        prov["versions"].update(common.versions(("torch", "tensorflow-datasets")))
+        common.write_json(args.out, {**result, "provenance": prov})
+    return result
 
 
 if __name__ == "__main__":
