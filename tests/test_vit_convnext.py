@@ -254,6 +254,53 @@ def test_row_subset_gradients_equal_the_masked_equivalent(name, masked_cls):
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_subset_groups_minimise_the_padded_work():
+    rates = [0.4 * b / 11 for b in range(1, 12)]  # ViT-S/16's scanned blocks at rate 0.4
+    assert stages.subset_groups(rates, 4) == [(0, 3), (3, 6), (6, 9), (9, 11)]
+    assert stages.subset_groups(rates, 1) == [(0, 11)]
+    assert stages.subset_groups([0.2] * 5, 4) == [(0, 5)]  # equal rates: one group
+    assert stages.subset_groups([], 3) == []
+
+    def cost(groups, rates):
+        return sum((hi - lo) * (1 - min(rates[lo:hi])) for lo, hi in groups)
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # against every split into at most 3 contiguous groups
+        rates = list(rng.uniform(0, 1, 6))
+        got = stages.subset_groups(rates, 3)
+        assert got[0][0] == 0 and got[-1][1] == 6 and len(got) <= 3
+        assert all(a[1] == b[0] for a, b in zip(got, got[1:], strict=False))
+        cuts = [(i, j) for i in range(1, 6) for j in range(i, 6)]
+        best = min(
+            cost([(0, i), (i, j), (j, 6)] if i < j else [(0, i), (i, 6)], rates) for i, j in cuts
+        )
+        assert cost(got, rates) <= min(best, cost([(0, 6)], rates)) + 1e-9
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_grouped_subset_scan_equals_one_scan(name):
+    """Row-subset with the scanned blocks in groups (the default) computes what one padded scan
+    computes, values and gradients, and the step really has one scan per group."""
+    grouped = tiny(name, drop_mode="row_subset", final_drop_rate=0.6)
+    single = grouped.clone(subset_scan_groups=1)
+    params, key = tiny_params(name), jax.random.key(5)
+
+    def loss(model, params):
+        logits = _train_logits(model, params, key)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, LABELS))
+
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, grouped)))(params)
+    want = jax.jit(jax.value_and_grad(functools.partial(loss, single)))(params)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+    def scans(model):
+        jaxpr = jax.make_jaxpr(functools.partial(_train_logits, model))(params, key).jaxpr
+        return sum(p == "scan" for p in _primitive_names(jaxpr))
+
+    assert scans(single) == 1
+    assert scans(grouped) == 2  # the last stage's 2 scanned blocks keep different subset sizes
+
+
 @pytest.mark.parametrize("name", list(TINY))
 def test_bf16_compute_with_float32_parameters(name):
     model = tiny(name, dtype=jnp.bfloat16)

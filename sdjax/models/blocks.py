@@ -62,6 +62,7 @@ class ResidualBlock(nn.Module):
         rate: Any,
         block_index: Any,
         key: Array | None,
+        min_rate: float | None = None,
     ) -> Array:
         """``shortcut + drop_path(branch(x))``; call from the block's compact ``__call__``.
 
@@ -72,11 +73,14 @@ class ResidualBlock(nn.Module):
           rate: the block's drop probability (Python float or float32 0-d array).
           block_index: the block's global index (int or int32 0-d array).
           key: the model's stochastic-depth key; None runs the deterministic (eval) path.
+          min_rate: overrides the field ``min_rate`` for this call (a group of a scanned stage,
+            :func:`sdjax.models.stages.apply_stage`); None: the field.
 
         Returns:
           The sum, shaped and typed like ``shortcut`` (the child ``"residual"``'s output).
         """
-        return self.drop_path(branch, rate=rate, min_rate=self.min_rate, name="residual")(
+        min_rate = self.min_rate if min_rate is None else min_rate
+        return self.drop_path(branch, rate=rate, min_rate=min_rate, name="residual")(
             x,
             shortcut,
             deterministic=key is None,

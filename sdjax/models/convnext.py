@@ -78,11 +78,11 @@ class ConvNeXtBlock(ResidualBlock):
     layer_scale_init: float | None = 1e-6
 
     @nn.compact
-    def __call__(self, x, rate, block_index, key):
+    def __call__(self, x, rate, block_index, key, min_rate=None):
         branch = functools.partial(
             _ConvNeXtBranch, self.conv, self.dense, self.norm, self.layer_scale_init
         )
-        return self.residual(branch, x, x, rate, block_index, key)
+        return self.residual(branch, x, x, rate, block_index, key, min_rate)
 
 
 class ConvNeXt(LayerNormNet):
@@ -171,6 +171,7 @@ class ConvNeXt(LayerNormNet):
                 scan_blocks=self.scan_blocks,
                 remat=self.remat,
                 drop_rate_scale=scale,
+                max_subset_groups=self.stage_subset_groups(),
             )
             first_index += depth
         x = norm(name="head_norm")(jnp.mean(x, axis=(1, 2)))

@@ -34,7 +34,12 @@ import jax.numpy as jnp
 from sdjax import schedules
 from sdjax.checks import check_rate
 from sdjax.layers import DropPathResidual
-from sdjax.models.base import StochasticDepthModel, _check_real, model_default
+from sdjax.models.base import (
+    StochasticDepthModel,
+    _check_positive_int,
+    _check_real,
+    model_default,
+)
 from sdjax.models.conv_norm import Conv
 
 __all__ = ["LayerNormNet", "gelu", "layer_scale", "linspace_rates", "trunc_normal"]
@@ -73,6 +78,12 @@ class LayerNormNet(StochasticDepthModel):
       layer_scale_init: LayerScale (CaiT; DINOv2, ConvNeXt): each branch output is multiplied
         by a learned per-channel vector initialised to this value. None (or 0): no LayerScale.
       layer_norm_epsilon: epsilon of every LayerNorm (1e-6).
+      subset_scan_groups: ``drop_mode="row_subset"`` with ``scan_blocks``: the scanned blocks
+        of a stage run in training as up to this many consecutive scans over slices of the
+        same stacked parameters (:func:`sdjax.models.stages.subset_groups`), each padded to its
+        own largest subset instead of the stage's; the result and the parameter layout are the
+        same, the compiled step has one scan body per group. 1: one scan (every scanned block
+        runs on the subset of the stage's lowest rate). Unused in the other modes.
       The shared fields (keyword-only) are those of
       :class:`sdjax.models.base.StochasticDepthModel`, with timm's defaults here:
       ``num_classes=1000``, ``final_drop_rate=0.1``, ``drop_mode="row"``,
@@ -86,6 +97,7 @@ class LayerNormNet(StochasticDepthModel):
 
     layer_scale_init: float | None = None
     layer_norm_epsilon: float = 1e-6
+    subset_scan_groups: int = 4
     num_classes: int = model_default(1000)
     final_drop_rate: float = model_default(0.1)
     drop_mode: str = model_default("row")
@@ -96,6 +108,7 @@ class LayerNormNet(StochasticDepthModel):
             if self.layer_scale_init is not None:
                 _check_real(self.layer_scale_init, "layer_scale_init", 0.0, 1e30, ">= 0 or None")
             _check_real(self.layer_norm_epsilon, "layer_norm_epsilon", 1e-30, 1e30, "> 0")
+            _check_positive_int(self.subset_scan_groups, "subset_scan_groups")
         except ValueError as err:
             raise ValueError(f"{type(self).__name__}: {err}") from None
         super().__post_init__()
@@ -105,6 +118,10 @@ class LayerNormNet(StochasticDepthModel):
         if self.drop_schedule == "linear":
             return linspace_rates(num_blocks, self.final_drop_rate)
         return super().block_rates(num_blocks)
+
+    def stage_subset_groups(self) -> int:
+        """``max_subset_groups`` of :func:`sdjax.models.stages.apply_stage`: 1 unless row-subset."""
+        return self.subset_scan_groups if self.drop_mode == "row_subset" else 1
 
     def layer_rates(self) -> tuple[float, ...]:
         """The drop rate of each of the ``num_layers`` blocks, in forward order."""

@@ -120,7 +120,8 @@ class ViTBlock(ResidualBlock):
     layer_scale_init: float | None = None
 
     @nn.compact
-    def __call__(self, x, rate, block_index, key):
+    def __call__(self, x, rate, block_index, key, min_rate=None):
+        min_rate = self.min_rate if min_rate is None else min_rate
         branches = (
             functools.partial(
                 _AttentionBranch, self.num_heads, self.conv, self.norm, self.layer_scale_init
@@ -134,9 +135,7 @@ class ViTBlock(ResidualBlock):
             ),
         )
         for j, (name, branch) in enumerate(zip(("attn", "mlp"), branches, strict=True)):
-            residual = self.drop_path(
-                branch, rate=rate, min_rate=self.min_rate, name=f"{name}_residual"
-            )
+            residual = self.drop_path(branch, rate=rate, min_rate=min_rate, name=f"{name}_residual")
             x = residual(
                 x,
                 x,
@@ -155,7 +154,8 @@ class ViT(LayerNormNet):
       num_layers: transformer blocks (12).
       num_heads: attention heads (6); ``hidden_size`` must be divisible by it.
       mlp_ratio: MLP hidden width over ``hidden_size`` (4.0).
-      The LayerNorm-family fields (``layer_scale_init``, ``layer_norm_epsilon``) and defaults are
+      The LayerNorm-family fields (``layer_scale_init``, ``layer_norm_epsilon``,
+      ``subset_scan_groups``) and defaults are
       those of :class:`sdjax.models.ln_base.LayerNormNet`; the shared fields those of
       :class:`sdjax.models.base.StochasticDepthModel`.
 
@@ -254,6 +254,7 @@ class ViT(LayerNormNet):
             scan_blocks=self.scan_blocks,
             remat=self.remat,
             drop_rate_scale=scale,
+            max_subset_groups=self.stage_subset_groups(),
         )
         x = defs["norm"](name="encoder_norm")(x)[:, 0]
         x = defs["dense"](self.num_classes, name="head")(x)
