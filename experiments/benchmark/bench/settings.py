@@ -11,6 +11,8 @@ e.g. ``"batch+scan+dp"`` or ``"row_subset@0.4+scan"``:
   rows of different rates are compared separately (`experiments.benchmark.bench.analysis`).
 * modifiers: ``+xla`` / ``+fast`` (``conv_impl``), ``+scan`` (``scan_blocks=True``, the models'
   default, stated explicitly), ``+unrolled`` (``scan_blocks=False``: one submodule per block),
+  ``+onescan`` (ViT/ConvNeXt only: ``subset_scan_groups=1``, row-subset's scanned blocks in one
+  scan padded to the stage's largest subset, as before the groups),
   ``+dp`` (data-parallel over all devices; not a model field; a ``row_subset+...+dp`` row sets
   ``drop_shards`` to the device count, so each device draws its subset from its own samples).
   A name without ``+scan`` or ``+unrolled`` gets the model's default (scanned).
@@ -40,6 +42,7 @@ MODIFIERS = {
     "fast": {"conv_impl": "xla_custom_vjp"},  # the label of rows recorded before 0.2.0
     "scan": {"scan_blocks": True},
     "unrolled": {"scan_blocks": False},
+    "onescan": {"subset_scan_groups": 1},  # ViT/ConvNeXt: one padded scan per stage
 }
 DATA_PARALLEL = "dp"  # the runtime modifier: shard the batch over all devices
 DEFAULT_MODELS = (
