@@ -485,3 +485,29 @@ def test_vit_workload_times_one_tiny_step(torch):
         drop_rates=None, drop_mode="row", scale_by_keep=True,
     )  # fmt: skip
     assert sum(p.numel() for p in full.parameters()) == 22_050_664  # timm deit_small_patch16_224
+
+
+def test_rounds_interleave_the_sdjax_rows(tmp_path, monkeypatch):
+    """--rounds 2: every row compiled and warmed up first, then one step of each row in turn,
+    twice; each row reports its own two timed steps."""
+    calls = []
+    run = timing.StepRunner.run
+
+    def recording_run(self, num_steps):
+        calls.append((id(self), num_steps))
+        run(self, num_steps)
+
+    monkeypatch.setattr(timing.StepRunner, "run", recording_run)
+    argv = ["--quick", "--settings", "constant,batch", "--no_torch", "--warmup", "1"]
+    argv += ["--steps", "2", "--rounds", "2", "--out_dir", str(tmp_path)]
+    out = benchmark.main(argv)
+    a, b = calls[0][0], calls[1][0]
+    assert a != b
+    assert calls == [(a, 1), (b, 1), (a, 1), (b, 1), (a, 1), (b, 1)]
+    rows = [r for r in out["rows"] if r["framework"] == "jax"]
+    assert [r["setting"] for r in rows] == ["constant", "batch"]
+    for row in rows:
+        assert row["rounds"] == 2 and len(row["step_ms"]) == 2 and len(row["warmup_ms"]) == 1
+    assert "interleaved in 2 rounds" in (tmp_path / "benchmark.md").read_text()
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(["--quick", "--steps", "3", "--rounds", "2"])

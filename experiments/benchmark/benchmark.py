@@ -159,6 +159,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (default 2)")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="> 1: compile every sdjax row first, then time their steps interleaved in this many "
+        "rounds of steps / rounds each (a drifting host then affects every row alike); "
+        "--steps must be a multiple. The PyTorch rows follow, one after another.",
+    )
     parser.add_argument("--final_drop_rate", type=float, default=0.5)
     parser.add_argument("--drop_schedule", default="linear", choices=sorted(schedules.SCHEDULES))
     parser.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
@@ -209,6 +217,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.steps < 1 or args.warmup < 0:
         parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.rounds < 1 or args.steps % args.rounds:
+        parser.error(f"--rounds={args.rounds} must be >= 1 and divide --steps={args.steps}")
     if args.cpu_devices is None:
         args.cpu_devices = available_cpus()
     if args.cpu_devices < 1:
@@ -279,6 +289,25 @@ def _log(row: dict[str, Any]) -> None:
     print(text, flush=True)
 
 
+def _interleaved_jax_rows(pairs, args) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every sdjax row of ``pairs``, compiled first and then timed in ``args.rounds`` rounds
+    (after each row's warm-up, each round runs ``steps / rounds`` steps of every row in turn)."""
+    prepared = []
+    for name, setting in pairs:
+        wl = settings.workload(name, args)
+        row, model, runner = timing.prepare_jax(name, setting, wl, args)
+        runner.run(args.warmup)
+        prepared.append((name, setting, wl, row, model, runner))
+    for _ in range(args.rounds):
+        for *_, runner in prepared:
+            runner.run(args.steps // args.rounds)
+    out = {}
+    for name, setting, wl, row, model, runner in prepared:
+        row["rounds"] = args.rounds
+        out[(name, setting.name)] = runner.finish(row, name, model, wl, args)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; writes and returns the JSON report."""
     args = parse_args(argv)
@@ -301,9 +330,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(f"[benchmark] PyTorch column: {torch_status}", flush=True)
 
     rows: list[dict[str, Any]] = []
+    jax_rows = _interleaved_jax_rows(pairs, args) if args.rounds > 1 else {}
     for name, setting in pairs:
         wl = settings.workload(name, args)
-        row = timing.run_jax(name, setting, wl, args)
+        row = jax_rows.pop((name, setting.name), None) or timing.run_jax(name, setting, wl, args)
         rows.append(row)
         _log(row)
         gc.collect()

@@ -55,7 +55,13 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"- Host allocator (`--host_malloc {config.get('host_malloc', 'auto')}`): {malloc}; "
         f"median page faults / system CPU ms per sdjax step: {faults}",
         f"- Load average at start / end: {extra['loadavg_start']} / {extra['loadavg_end']}",
-        f"- Steps: {config['warmup']} warm-up + {config['steps']} timed; stochastic depth: "
+        f"- Steps: {config['warmup']} warm-up + {config['steps']} timed"
+        + (
+            f", the sdjax rows interleaved in {config['rounds']} rounds"
+            if config.get("rounds", 1) > 1
+            else ", row after row"
+        )
+        + "; stochastic depth: "
         f"{config['drop_schedule']} to {config['final_drop_rate']} (a setting `BASE@RATE`: to "
         "RATE; the transformer MLP stack: its own rate, see the rows' block_drop_rates); sdjax "
         "compute dtype "

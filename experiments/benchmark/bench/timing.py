@@ -83,27 +83,62 @@ def _gates_fn(model: Any, setting: settings.Setting):
     return functools.partial(models.batch_gates, model)
 
 
-def run_jax(
+class StepRunner:
+    """Calls one compiled train step and keeps what `run_jax` reports about the calls.
+
+    Each call's wall time, the process's page faults and system CPU time, and the step's
+    metrics are appended, so that steps of several rows can be interleaved (`run_jax` with
+    ``args.rounds > 1`` in the benchmark) and summarised afterwards (`finish`).
+    """
+
+    def __init__(self, compiled, state, batch, train_key):
+        self.compiled, self.state, self.batch, self.train_key = compiled, state, batch, train_key
+        self.times: list[float] = []
+        self.faults: list[int] = []
+        self.system_s: list[float] = []
+        self.metrics: list[Any] = []
+
+    def run(self, num_steps: int) -> None:
+        for _ in range(num_steps):
+            usage = resource.getrusage(resource.RUSAGE_SELF)
+            start = time.perf_counter()
+            self.state, step_metrics = self.compiled(self.state, self.batch, self.train_key)
+            jax.block_until_ready((self.state, step_metrics))
+            self.times.append(time.perf_counter() - start)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            self.faults.append(after.ru_minflt - usage.ru_minflt)
+            self.system_s.append(after.ru_stime - usage.ru_stime)
+            self.metrics.append(step_metrics)
+
+    def finish(self, row: dict[str, Any], name, model, wl, args) -> dict[str, Any]:
+        """Adds the timed steps' figures (all calls after the first ``args.warmup``) to ``row``."""
+        metrics = jax.device_get(self.metrics)
+        row.update(summarize(self.times[args.warmup :]))
+        # Whole-process figures (all threads): page faults and kernel CPU time per step, the cost
+        # that `sdjax.host_malloc` removes.
+        row["page_faults_per_step"] = statistics.median(self.faults[args.warmup :])
+        row["system_cpu_ms_per_step"] = 1e3 * statistics.median(self.system_s[args.warmup :])
+        row["warmup_ms"] = [1e3 * t for t in self.times[: args.warmup]]
+        row["final_loss"] = float(metrics[-1]["loss"])
+        if "blocks_run" in metrics[-1]:
+            row.update(_realized_gates(name, model, wl, self.train_key, metrics, args))
+        row["loadavg_after"] = os.getloadavg()
+        self.state = self.batch = self.compiled = None  # free the row's memory
+        return row
+
+
+def prepare_jax(
     name: str,
     setting: settings.Setting,
     wl: settings.Workload,
     args: Any,
     *,
     compile_only: bool = False,
-) -> dict[str, Any]:
-    """Builds, compiles and (unless ``compile_only``) times the train step of ``name``.
+) -> tuple[dict[str, Any], Any, StepRunner | None]:
+    """Builds and compiles the train step of ``name``: ``(row, model, runner)``.
 
-    Args:
-      args: ``seed``, ``prng_impl``, ``dtype``, ``warmup``, ``steps`` (command-line values).
-
-    Returns:
-      The row: model, setting, shapes, devices, compile times and, when timed, step times
-      (`summarize` of the timed steps), page faults and system CPU time per step; batch-mode
-      rows add the blocks each timed step ran and their MAC-weighted kept compute.
-
-    Raises:
-      RuntimeError: the gates recomputed from the keys disagree with the blocks the step
-        reported running (the key derivation of `dropout_key` no longer matches the step's).
+    The row has the model, setting, shapes, devices and compile times; ``runner`` (None with
+    ``compile_only``) calls the compiled step (`StepRunner`).
     """
     devices = jax.device_count() if setting.data_parallel else 1  # the mesh's size
     model = settings.build_model(name, setting, args.dtype, devices)
@@ -170,32 +205,37 @@ def run_jax(
         "lower_plus_compile_s": lower_s + compile_s,
         "block_drop_rates": macs.block_drop_rates(model),
     }
-    if compile_only:
-        return row
+    runner = None if compile_only else StepRunner(compiled, state, batch, train_key)
+    return row, model, runner
 
-    times, faults, system_s, metrics = [], [], [], []
-    for _ in range(args.warmup + args.steps):
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        start = time.perf_counter()
-        state, step_metrics = compiled(state, batch, train_key)
-        jax.block_until_ready((state, step_metrics))
-        times.append(time.perf_counter() - start)
-        after = resource.getrusage(resource.RUSAGE_SELF)
-        faults.append(after.ru_minflt - usage.ru_minflt)
-        system_s.append(after.ru_stime - usage.ru_stime)
-        metrics.append(step_metrics)
-    metrics = jax.device_get(metrics)
-    row.update(summarize(times[args.warmup :]))
-    # Whole-process figures (all threads): page faults and kernel CPU time per step, the cost
-    # that `sdjax.host_malloc` removes.
-    row["page_faults_per_step"] = statistics.median(faults[args.warmup :])
-    row["system_cpu_ms_per_step"] = 1e3 * statistics.median(system_s[args.warmup :])
-    row["warmup_ms"] = [1e3 * t for t in times[: args.warmup]]
-    row["final_loss"] = float(metrics[-1]["loss"])
-    if "blocks_run" in metrics[-1]:
-        row.update(_realized_gates(name, model, wl, train_key, metrics, args))
-    row["loadavg_after"] = os.getloadavg()
-    return row
+
+def run_jax(
+    name: str,
+    setting: settings.Setting,
+    wl: settings.Workload,
+    args: Any,
+    *,
+    compile_only: bool = False,
+) -> dict[str, Any]:
+    """Builds, compiles and (unless ``compile_only``) times the train step of ``name``.
+
+    Args:
+      args: ``seed``, ``prng_impl``, ``dtype``, ``warmup``, ``steps`` (command-line values).
+
+    Returns:
+      The row: model, setting, shapes, devices, compile times and, when timed, step times
+      (`summarize` of the timed steps), page faults and system CPU time per step; batch-mode
+      rows add the blocks each timed step ran and their MAC-weighted kept compute.
+
+    Raises:
+      RuntimeError: the gates recomputed from the keys disagree with the blocks the step
+        reported running (the key derivation of `dropout_key` no longer matches the step's).
+    """
+    row, model, runner = prepare_jax(name, setting, wl, args, compile_only=compile_only)
+    if runner is None:
+        return row
+    runner.run(args.warmup + args.steps)
+    return runner.finish(row, name, model, wl, args)
 
 
 def _realized_gates(name, model, wl, train_key, metrics, args) -> dict[str, Any]:
