@@ -277,11 +277,13 @@ def test_subset_groups_minimise_the_padded_work():
         assert cost(got, rates) <= min(best, cost([(0, 6)], rates)) + 1e-9
 
 
+@pytest.mark.parametrize("remat", [False, True])
 @pytest.mark.parametrize("name", list(TINY))
-def test_grouped_subset_scan_equals_one_scan(name):
+def test_grouped_subset_scan_equals_one_scan(name, remat):
     """Row-subset with the scanned blocks in groups (the default) computes what one padded scan
-    computes, values and gradients, and the step really has one scan per group."""
-    grouped = tiny(name, drop_mode="row_subset", final_drop_rate=0.6)
+    computes, values and gradients, and the step really has one scan per group (with
+    ``remat`` too: the groups' ``min_rate`` stays a static argument)."""
+    grouped = tiny(name, drop_mode="row_subset", final_drop_rate=0.6, remat=remat)
     single = grouped.clone(subset_scan_groups=1)
     params, key = tiny_params(name), jax.random.key(5)
 

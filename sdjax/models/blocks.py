@@ -5,7 +5,7 @@ A block is a Linen module built from factories (``ModuleDef``, as in flax's
 :class:`sdjax.layers.DropPathResidual` that adds the (possibly dropped) branch to the shortcut.
 The model builds the three once (:meth:`sdjax.models.base.StochasticDepthModel.block_defs`).
 
-Blocks are called as ``block(x, rate, block_index, key)``: ``rate`` is the block's drop
+Blocks are called as ``block(x, rate, block_index, key, min_rate)``: ``rate`` is the block's drop
 probability (a Python float, or a float32 0-d array inside ``nn.scan`` or with a
 ``drop_rate_scale``), ``key`` the model's stochastic-depth key (None: deterministic) and the
 block's own key is ``fold_in(key, block_index)`` with the global (network-wide) block index, so
@@ -13,7 +13,9 @@ scanned and unrolled networks draw the same gates (and, in row-subset mode, the 
 
 ``min_rate`` is the static lower bound on ``rate`` that row-subset mode needs when ``rate`` is a
 JAX array (it fixes the subset size; see :func:`sdjax.checks.check_min_rate`);
-:func:`sdjax.models.stages.apply_stage` sets it for every block it builds.
+:func:`sdjax.models.stages.apply_stage` sets the field for every block it builds, and passes the
+call argument (a Python float, static under ``nn.remat``; None: the field) to override it for a
+group of scanned blocks.
 """
 
 from __future__ import annotations

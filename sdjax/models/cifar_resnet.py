@@ -82,10 +82,10 @@ class CifarResNetBlock(ResidualBlock):
     """
 
     @nn.compact
-    def __call__(self, x, rate, block_index, key):
+    def __call__(self, x, rate, block_index, key, min_rate=None):
         shortcut = pad_channels_shortcut(x, self.features, self.strides)
         branch = functools.partial(_BasicBranch, self.features, self.strides, self.conv, self.norm)
-        return nn.relu(self.residual(branch, x, shortcut, rate, block_index, key))
+        return nn.relu(self.residual(branch, x, shortcut, rate, block_index, key, min_rate))
 
 
 class CifarResNet(StochasticDepthModel):

@@ -67,7 +67,7 @@ class _ConvNeXtBranch(nn.Module):
 class ConvNeXtBlock(ResidualBlock):
     """A ConvNeXt block: ``x + drop_path(branch(x))`` (identity shortcut, stride 1).
 
-    Called as ``block(x, rate, block_index, key)`` (see :mod:`sdjax.models.blocks`).
+    Called as ``block(x, rate, block_index, key, min_rate)`` (see :mod:`sdjax.models.blocks`).
 
     Attributes:
       dense: the ``nn.Dense`` factory of the pointwise layers.

@@ -166,7 +166,7 @@ class MBConvBlock(ResidualBlock):
     se_ratio: float = SE_RATIO
 
     @nn.compact
-    def __call__(self, x, rate, block_index, key):
+    def __call__(self, x, rate, block_index, key, min_rate=None):
         branch = functools.partial(
             _MBConvBranch,
             self.features,
@@ -179,7 +179,7 @@ class MBConvBlock(ResidualBlock):
         )
         if self.strides != 1 or x.shape[-1] != self.features:
             return branch()(x)
-        return self.residual(branch, x, x, rate, block_index, key)
+        return self.residual(branch, x, x, rate, block_index, key, min_rate)
 
 
 class EfficientNet(StochasticDepthModel):

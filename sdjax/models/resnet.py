@@ -82,7 +82,7 @@ class ResNetBlock(ResidualBlock):
     bottleneck: bool = False
 
     @nn.compact
-    def __call__(self, x, rate, block_index, key):
+    def __call__(self, x, rate, block_index, key, min_rate=None):
         out_features = 4 * self.features if self.bottleneck else self.features
         shortcut = x
         if self.strides != 1 or x.shape[-1] != out_features:
@@ -91,7 +91,7 @@ class ResNetBlock(ResidualBlock):
         branch = functools.partial(
             _Branch, self.features, self.strides, self.bottleneck, self.conv, self.norm
         )
-        return nn.relu(self.residual(branch, x, shortcut, rate, block_index, key))
+        return nn.relu(self.residual(branch, x, shortcut, rate, block_index, key, min_rate))
 
 
 class ResNet(StochasticDepthModel):

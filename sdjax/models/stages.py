@@ -45,17 +45,19 @@ __all__ = ["apply_stage", "scan_to_unrolled", "subset_groups", "unrolled_to_scan
 Array = jax.Array
 
 
+_NO_MIN_RATE = object()  # the 4-argument block call
+
+
 def _scan_body(
     block: nn.Module,
     x: Array,
     xs: tuple[Array, Array],
     key: Array | None,
-    min_rate: float | None = None,
+    min_rate: Any = _NO_MIN_RATE,
 ):
     rate, block_index = xs
-    if min_rate is None:
-        return block(x, rate, block_index, key), None
-    return block(x, rate, block_index, key, min_rate=min_rate), None
+    extra = () if min_rate is _NO_MIN_RATE else (min_rate,)
+    return block(x, rate, block_index, key, *extra), None
 
 
 def subset_groups(rates: Sequence[float], max_groups: int) -> list[tuple[int, int]]:
@@ -113,8 +115,10 @@ def apply_stage(
 ) -> Array:
     """Applies the ``len(rates)`` blocks of one stage (call from a compact method).
 
-    The block modules are called as ``block(x, rate, block_index, key)`` and must derive their
-    drop key as ``jax.random.fold_in(key, block_index)`` (``key=None``: no dropping).
+    The block modules are called as ``block(x, rate, block_index, key)`` (with
+    ``max_subset_groups > 1``: ``block(x, rate, block_index, key, min_rate)``, ``min_rate`` a
+    Python float overriding the block's field, or None) and must derive their drop key as
+    ``jax.random.fold_in(key, block_index)`` (``key=None``: no dropping).
 
     Args:
       block_cls: the block module class.
@@ -139,16 +143,20 @@ def apply_stage(
     Returns:
       The output of the last block.
     """
-    cls = nn.remat(block_cls, prevent_cse=not scan_blocks) if remat else block_cls
+    # With groups possible the blocks take min_rate as a 5th call argument (a Python float or
+    # None, static under remat: argument 5 counting the module); otherwise the 4-argument call.
+    extra = (None,) if max_subset_groups > 1 else ()
+    static = {"static_argnums": (5,)} if extra else {}
+    cls = nn.remat(block_cls, prevent_cse=not scan_blocks, **static) if remat else block_cls
     x = cls(name=f"{name}_block0", min_rate=_min_rate(rates[:1], drop_rate_scale), **first_kwargs)(
-        x, scale_rate(rates[0], drop_rate_scale), first_index, key
+        x, scale_rate(rates[0], drop_rate_scale), first_index, key, *extra
     )
     num_rest = len(rates) - 1
     if num_rest == 0:
         return x
     if scan_blocks:
         scanned = nn.scan(
-            _scan_body,
+            functools.partial(_scan_body, min_rate=None) if extra else _scan_body,
             variable_axes={"params": 0, "batch_stats": 0},
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast),
@@ -181,7 +189,7 @@ def apply_stage(
             min_rate=_min_rate(rates[i : i + 1], drop_rate_scale),
             **rest_kwargs,
         )
-        x = block(x, rate, first_index + i, key)
+        x = block(x, rate, first_index + i, key, *extra)
     return x
 
 

@@ -99,7 +99,7 @@ class _MlpBranch(nn.Module):
 class ViTBlock(ResidualBlock):
     """A pre-LayerNorm transformer block: two residual branches with independent drop paths.
 
-    Called as ``block(x, rate, block_index, key)`` (see :mod:`sdjax.models.blocks`) with ``x``
+    Called as ``block(x, rate, block_index, key, min_rate)`` (see :mod:`sdjax.models.blocks`) with ``x``
     of shape ``(N, T, features)``: both branches use ``rate``; the attention branch draws from
     ``fold_in(key, 2 * block_index)``, the MLP branch from ``fold_in(key, 2 * block_index + 1)``
     (children ``"attn_residual"`` / ``"mlp_residual"``, each a
