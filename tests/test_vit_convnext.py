@@ -243,14 +243,18 @@ def test_row_subset_gradients_equal_the_masked_equivalent(name, masked_cls):
     subset = tiny(name, drop_mode="row_subset", final_drop_rate=0.6)
     fields = {f: getattr(subset, f) for f in models.dataclass_fields(type(subset))}
     masked = masked_cls(**fields)
-    params, key = tiny_params(name), jax.random.key(11)
+    _assert_same_loss_and_grads(subset, masked, tiny_params(name), jax.random.key(11))
+
+
+def _assert_same_loss_and_grads(model_a, model_b, params, key):
+    """The training loss of the two models and its gradients agree (same params and key)."""
 
     def loss(model, params):
         logits = _train_logits(model, params, key)
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, LABELS))
 
-    got = jax.jit(jax.value_and_grad(functools.partial(loss, subset)))(params)
-    want = jax.jit(jax.value_and_grad(functools.partial(loss, masked)))(params)
+    got = jax.jit(jax.value_and_grad(functools.partial(loss, model_a)))(params)
+    want = jax.jit(jax.value_and_grad(functools.partial(loss, model_b)))(params)
     chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
 
 
@@ -286,14 +290,7 @@ def test_grouped_subset_scan_equals_one_scan(name, remat):
     grouped = tiny(name, drop_mode="row_subset", final_drop_rate=0.6, remat=remat)
     single = grouped.clone(subset_scan_groups=1)
     params, key = tiny_params(name), jax.random.key(5)
-
-    def loss(model, params):
-        logits = _train_logits(model, params, key)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, LABELS))
-
-    got = jax.jit(jax.value_and_grad(functools.partial(loss, grouped)))(params)
-    want = jax.jit(jax.value_and_grad(functools.partial(loss, single)))(params)
-    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+    _assert_same_loss_and_grads(grouped, single, params, key)
 
     def scans(model):
         jaxpr = jax.make_jaxpr(functools.partial(_train_logits, model))(params, key).jaxpr
