@@ -368,3 +368,43 @@ def test_pruning_gaps_are_paired_by_seed():
     assert (row["n"], row["constant"], row["sd"], row["gap"]) == (2, 20.0, 13.0, -7.0)
     # Paired: differences -6 and -8, sd 1.414, t(0.975, 1) = 12.706 -> half-width 12.706.
     assert row["low"] == pytest.approx(-7.0 - 12.7062, abs=1e-3)
+
+
+def test_vit_digits_pairs_by_seed_and_regenerates_from_the_committed_runs(tmp_path):
+    """The small-ViT study: each mode minus row and each epoch time over constant, per seed
+    (a seed missing an arm is left out of that comparison); --aggregate_only finds all 12
+    committed runs by their commands and trains nothing."""
+    import shutil
+
+    from experiments.vit_digits import run as vit_digits  # noqa: PLC0415
+
+    def run(arm, seed, error, epoch):
+        return {"variant": arm, "seed": seed, "test_error": error, "epoch_time_s": epoch,
+                "train_time_s": 100.0}  # fmt: skip
+
+    runs = [
+        run("constant", 0, 0.10, 2.0),
+        run("row", 0, 0.05, 2.0),
+        run("row_subset", 0, 0.07, 1.5),
+    ]
+    runs += [
+        run("constant", 1, 0.08, 4.0),
+        run("row", 1, 0.04, 4.0),
+        run("row_subset", 1, 0.03, 2.0),
+    ]
+    runs += [run("row", 2, 0.06, 1.0), run("row_subset", 2, 0.06, 1.0)]  # no constant at seed 2
+    out = vit_digits.analyse(runs)
+    diff = out["error_minus_row"]["row_subset"]
+    assert diff["per_seed"] == pytest.approx([2.0, -1.0, 0.0]) and diff["n"] == 3
+    assert diff["mean"] == pytest.approx(1 / 3)
+    ratio = out["epoch_time_over_constant"]["row_subset"]
+    assert ratio["per_seed"] == pytest.approx([0.75, 0.5]) and ratio["n"] == 2
+    assert out["error_minus_row"]["constant"]["per_seed"] == pytest.approx([5.0, 4.0])
+
+    committed = tmp_path / "out"
+    committed.mkdir()
+    shutil.copy(vit_digits.RESULTS / "results.json", committed / "results.json")
+    argv = ["--aggregate_only", f"--out={committed}", f"--workdirs={tmp_path / 'none'}"]
+    results = vit_digits.main(argv)
+    assert results["complete"] and len(results["runs"]) == 12
+    assert "runs_provenance" in results and not (tmp_path / "none").exists()
