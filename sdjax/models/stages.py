@@ -45,18 +45,11 @@ __all__ = ["apply_stage", "scan_to_unrolled", "subset_groups", "unrolled_to_scan
 Array = jax.Array
 
 
-_NO_MIN_RATE = object()  # the 4-argument block call
-
-
 def _scan_body(
-    block: nn.Module,
-    x: Array,
-    xs: tuple[Array, Array],
-    key: Array | None,
-    min_rate: Any = _NO_MIN_RATE,
+    block: nn.Module, x: Array, xs: tuple[Array, Array], key: Array | None, extra: tuple = ()
 ):
+    """One scanned block; ``extra``: the call's optional ``(min_rate,)``."""
     rate, block_index = xs
-    extra = () if min_rate is _NO_MIN_RATE else (min_rate,)
     return block(x, rate, block_index, key, *extra), None
 
 
@@ -136,7 +129,7 @@ def apply_stage(
       max_subset_groups: scanned row-subset training without ``drop_rate_scale``: the scanned
         blocks run as up to this many consecutive scans (:func:`subset_groups`) over slices of
         the same stacked variables, each padded to its own largest subset instead of the
-        stage's (the blocks must take a ``min_rate=`` call argument and the stage must have no
+        stage's (the blocks must take ``min_rate`` as a 5th call argument and the stage must have no
         mutable collection such as ``batch_stats``). 1: one scan. The result is the same; the
         variables' layout does not change.
 
@@ -156,7 +149,7 @@ def apply_stage(
         return x
     if scan_blocks:
         scanned = nn.scan(
-            functools.partial(_scan_body, min_rate=None) if extra else _scan_body,
+            functools.partial(_scan_body, extra=extra),
             variable_axes={"params": 0, "batch_stats": 0},
             split_rngs={"params": True},
             in_axes=(0, nn.broadcast),
@@ -180,7 +173,8 @@ def apply_stage(
             x, _ = scanned(rest, x, xs, key)
             return x
         for lo, hi in groups:
-            x = _scan_group(rest, x, xs, key, lo, hi, float(min(rates[1 + lo : 1 + hi])))
+            low = _min_rate(rates[1 + lo : 1 + hi], drop_rate_scale)
+            x = _scan_group(rest, x, xs, key, lo, hi, low)
         return x
     for i in range(1, num_rest + 1):
         rate = scale_rate(rates[i], drop_rate_scale)
@@ -201,7 +195,7 @@ def _scan_group(
     def take(variables):
         return jax.tree_util.tree_map(lambda v: v[lo:hi], variables)
 
-    body = functools.partial(_scan_body, min_rate=low)
+    body = functools.partial(_scan_body, extra=(low,))
     scanned = nn.scan(body, variable_axes={"params": 0}, in_axes=(0, nn.broadcast), length=hi - lo)
     sliced = nn.map_variables(scanned, "params", trans_in_fn=take)
     x, _ = sliced(rest, x, (xs[0][lo:hi], xs[1][lo:hi]), key)
