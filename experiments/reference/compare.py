@@ -399,20 +399,14 @@ def collect_cifar(args, workdir_root: pathlib.Path, out_dir: pathlib.Path, run_m
     return runs, pending
 
 
-def cifar_markdown(args, rows, diff_line, runs, pending) -> str:
+def report_markdown(title: str, design: str, rows, diff_line: str, runs, pending=()) -> str:
+    """The report: title, a PARTIAL status while runs are pending, the design sentence, the
+    analysis, the gap table, the difference of the gaps and the per-run table."""
     pend = "".join(f"- {p['framework']} {p['variant']} seed {p['seed']}\n" for p in pending)
     return (
-        "# Fidelity: sdjax vs an independent PyTorch reference (CIFAR-10 subset)\n\n"
+        f"# Fidelity: sdjax vs an independent PyTorch reference ({title})\n\n"
         + ("**Status: PARTIAL: some planned runs are missing (below).**\n\n" if pending else "")
-        + f"ResNet-{args.depth}, CIFAR-10 `train[:{args.train_size}]`, {args.epochs} epochs, "
-        f"recipe of `{CIFAR_CONFIG}`, sdjax's earlier recipe (SGD Nesterov 0.9, weight decay 1e-4 on all parameters, "
-        "lr 0.1 without warm-up, /10 at 50% and 75%, batch 128 with the remainder dropped, pad-4 "
-        "crops + flips); constant depth vs stochastic depth linear to 0.5, batch mode, eval-time "
-        "scaling by the survival probability. Test error on the 10,000 test images after the "
-        "last epoch. sdjax runs: the regime study's committed records "
-        "(`experiments/regime/results/runs/`); PyTorch runs: `python -m experiments."
-        "reference.train_torch --dataset cifar10` (same data, normalisation and per-epoch example "
-        "order; its own random draws for initialisation, augmentation and gates). "
+        + design
         + ANALYSIS
         + "\n\n"
         + gap_table(rows)
@@ -421,6 +415,30 @@ def cifar_markdown(args, rows, diff_line, runs, pending) -> str:
         + "## Runs\n\n"
         + runs_table(runs)
         + ("\n## Pending runs\n\n" + pend if pend else "")
+    )
+
+
+def cifar_design(args) -> str:
+    return (
+        f"ResNet-{args.depth}, CIFAR-10 `train[:{args.train_size}]`, {args.epochs} epochs, "
+        f"recipe of `{CIFAR_CONFIG}`, sdjax's earlier recipe (SGD Nesterov 0.9, weight decay 1e-4 on all parameters, "
+        "lr 0.1 without warm-up, /10 at 50% and 75%, batch 128 with the remainder dropped, pad-4 "
+        "crops + flips); constant depth vs stochastic depth linear to 0.5, batch mode, eval-time "
+        "scaling by the survival probability. Test error on the 10,000 test images after the "
+        "last epoch. sdjax runs: the regime study's committed records "
+        "(`experiments/regime/results/runs/`); PyTorch runs: `python -m experiments."
+        "reference.train_torch --dataset cifar10` (same data, normalisation and per-epoch example "
+        "order; its own random draws for initialisation, augmentation and gates). "
+    )
+
+
+def digits_design(args) -> str:
+    return (
+        f"ResNet-{args.depth}, {args.epochs} epochs, recipe of `{CONFIG}` (SGD Nesterov 0.9, "
+        "weight decay 1e-4 on all parameters, lr 0.1, 1-epoch linear warm-up, /10 at 50% and "
+        "75%, batch 64, pad-1 crops); constant depth vs stochastic depth linear to 0.5, batch "
+        "mode, eval-time scaling by the survival probability. Test error on the 360-image "
+        "digits test split after the last epoch. "
     )
 
 
@@ -496,27 +514,13 @@ def main(argv=None) -> dict[str, Any]:
         else ""
     )
     if cifar:
-        md = cifar_markdown(args, rows, diff_line, runs, pending)
+        md = report_markdown("CIFAR-10 subset", cifar_design(args), rows, diff_line, runs, pending)
         note = (
             "- PyTorch runs with 1 thread (`OMP_NUM_THREADS=1`); times of runs that overlapped "
             "other work are not comparable\n"
         )
     else:
-        md = (
-            f"# Fidelity: sdjax vs an independent PyTorch reference (digits)\n\n"
-            f"ResNet-{args.depth}, {args.epochs} epochs, recipe of `{CONFIG}` (SGD Nesterov 0.9, "
-            "weight decay 1e-4 on all parameters, lr 0.1, 1-epoch linear warm-up, /10 at 50% and "
-            "75%, batch 64, pad-1 crops); constant depth vs stochastic depth linear to 0.5, batch "
-            "mode, eval-time scaling by the survival probability. Test error on the 360-image "
-            "digits test split after the last epoch. "
-            + ANALYSIS
-            + "\n\n"
-            + gap_table(rows)
-            + "\n"
-            + diff_line
-            + "## Runs\n\n"
-            + runs_table(runs)
-        )
+        md = report_markdown("digits", digits_design(args), rows, diff_line, runs)
         note = "- Runs pinned to one core (`taskset -c 1`, torch with 1 thread)\n"
         if runs_prov is not None:
             note += (

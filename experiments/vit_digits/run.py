@@ -160,21 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = common.results_dir(args.out)
     committed, runs_prov = common.committed_runs(out)
     runs: list[dict[str, Any]] = []
-    start = time.time()
-    for arm, seed, workdir, overrides in plan(args):
-        planned = common.train_command(CONFIG, workdir, overrides)
-        run = common.find_run(committed, arm, seed, planned)
-        if run is None and not args.aggregate_only:
-            record = common.train_run(CONFIG, workdir, overrides)
-            record.pop("curves")
-            run = {"variant": arm, "seed": seed, **record, "machine": common.machine()}
-            print(
-                f"[{time.time() - start:6.0f} s] {arm:10s} seed {seed}: test error "
-                f"{100 * run['test_error']:.2f}%, epoch {run['epoch_time_s']:.2f} s",
-                flush=True,
-            )
-        if run is not None:
-            runs.append(run)
+
+    def report() -> dict[str, Any]:
         complete = len(runs) == len(args.seeds) * len(ARMS)
         analysis = analyse(runs)
         results = {
@@ -189,6 +176,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.aggregate_only and runs_prov is not None:
             results["runs_provenance"] = runs_prov
         common.write_report(out, results, to_markdown(analysis, args.seeds, complete) + "\n")
+        return results
+
+    start = time.time()
+    for arm, seed, workdir, overrides in plan(args):
+        planned = common.train_command(CONFIG, workdir, overrides)
+        run = common.find_run(committed, arm, seed, planned)
+        if run is None and not args.aggregate_only:
+            record = common.train_run(CONFIG, workdir, overrides)
+            record.pop("curves")
+            run = {"variant": arm, "seed": seed, **record, "machine": common.machine()}
+            print(
+                f"[{time.time() - start:6.0f} s] {arm:10s} seed {seed}: test error "
+                f"{100 * run['test_error']:.2f}%, epoch {run['epoch_time_s']:.2f} s",
+                flush=True,
+            )
+            runs.append(run)
+            report()  # a record survives an interrupted study
+        elif run is not None:
+            runs.append(run)
+    results = report()
     print((out / "results.md").read_text(encoding="utf-8"))
     return results
 
