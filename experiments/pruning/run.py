@@ -47,12 +47,7 @@ def _config(arm: str, seed: int):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config()
-    for path, value in _overrides(arm, seed).items():
-        node = config
-        *parents, leaf = path.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
+    config.update_from_flattened_dict(_overrides(arm, seed))
     return config
 
 
