@@ -191,3 +191,20 @@ def test_fullscale_plan_pairs_seeds_and_reports_a_paired_interval(tmp_path):
     assert ci["half_width"] == pytest.approx(12.706 * 0.002 * 2**0.5 / 2**0.5, rel=1e-3)
     text = run.results_markdown(summary)
     assert "| 3 | 6.50 | 5.50 | -1.00 |" in text and "paired by seed" in text
+
+
+def test_fullscale_command_joins_a_file_carried_in_parts(tmp_path):
+    data = bytes(range(256)) * 1000
+    for k, start in enumerate(range(0, len(data), 100_000)):
+        (tmp_path / f"c10.npz.part-a{'abc'[k]}").write_bytes(data[start : start + 100_000])
+    command = ["bash", str(REPO / "experiments/fullscale/run.sh"), str(tmp_path / "c10.npz")]
+    proc = subprocess.run(
+        [*command, "--dry_run", f"--out={tmp_path / 'out'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "joined 3 parts" in proc.stderr
+    assert (tmp_path / "c10.npz").read_bytes() == data
+    assert f"--config.input.npz_path={tmp_path / 'c10.npz'}" in proc.stdout

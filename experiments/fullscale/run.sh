@@ -10,6 +10,13 @@ if [ $# -lt 1 ]; then
 fi
 npz="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
 shift
+# A file carried in parts (`split -b 60M X.npz X.npz.part-`, one part per transfer) is joined
+# once, in the parts' name order, when X.npz itself is not there yet.
+if [ ! -e "$npz" ] && compgen -G "$npz.part-*" > /dev/null; then
+  cat "$npz".part-* > "$npz.joining"
+  mv "$npz.joining" "$npz"
+  echo "joined $(compgen -G "$npz.part-*" | wc -l) parts into $npz" >&2
+fi
 cd "$(dirname "$0")/../.."
 for wheel in experiments/fullscale/wheels/*.whl; do
   [ -e "$wheel" ] && PYTHONPATH="$PWD/$wheel${PYTHONPATH:+:$PYTHONPATH}"
