@@ -70,6 +70,10 @@ class Runner:
         if cache:
             env["JAX_COMPILATION_CACHE_DIR"] = str(self.root / "jax_cache")
             env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+            # The two-device oneDNN convolutions are custom_partitioning calls, whose cache key
+            # holds a per-process callback pointer: without this every child missed the cache
+            # and compiled its train step again. The compiled programs are the same.
+            env["JAX_REMOVE_CUSTOM_PARTITIONING_PTR_FROM_CACHE_KEY"] = "true"
         return env
 
     @contextlib.contextmanager
