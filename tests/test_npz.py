@@ -208,3 +208,38 @@ def test_fullscale_command_joins_a_file_carried_in_parts(tmp_path):
     assert "joined 3 parts" in proc.stderr
     assert (tmp_path / "c10.npz").read_bytes() == data
     assert f"--config.input.npz_path={tmp_path / 'c10.npz'}" in proc.stdout
+
+
+def test_a_pre_split_file_gives_a_run_the_same_data_as_the_whole_split(tmp_path):
+    train, test = _arrays(num_train=300)
+    whole, part = tmp_path / "whole.npz", tmp_path / "part.npz"
+    npz.write(str(whole), train, test, dataset="cifar10", num_classes=10)
+    split = (50, 3, 120)
+    subset = npz_export.split_arrays(train, split)
+    npz.write(str(part), subset, test, dataset="cifar10", num_classes=10, split=split)
+    assert npz.file_split(str(part)) == split and npz.file_split(str(whole)) is None
+    assert npz.read_shapes(str(part))["train_images"] == (170, 8, 8, 3)
+    fields = {
+        "validation_size": 50,
+        "split_seed": 3,
+        "train_size": 120,
+        "normalization": "pixel_mean_global_std",
+    }
+    a, b = (data_lib.create(_input(path, **fields)) for path in (whole, part))
+    for name in ("train", "val", "test"):
+        for x, y in zip(getattr(a, name), getattr(b, name), strict=True):
+            np.testing.assert_array_equal(x, y)
+    assert len(b.train[1]) == 120 and len(b.val[1]) == 50
+    np.testing.assert_array_equal(a.mean, b.mean)
+    assert a.std == b.std
+    for step in (0, 3, 7):  # the same batches, epoch after epoch
+        x, y = a.train_batch(5, step, 32), b.train_batch(5, step, 32)
+        assert x.keys() == y.keys()
+        for key in x:
+            np.testing.assert_array_equal(x[key], y[key])
+    for field, value in (("split_seed", 0), ("validation_size", 40), ("train_size", 0)):
+        with pytest.raises(ValueError, match=f"config.input.{field}={value} does not match") as e:
+            sources.check_available(_input(part, **{**fields, field: value}))
+        assert "validation_size=50, split_seed=3, train_size=120" in str(e.value)
+    with pytest.raises(SystemExit):
+        npz_export.main(["--split=50,3", f"--out={tmp_path / 'x.npz'}"])

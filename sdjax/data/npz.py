@@ -8,7 +8,13 @@ it. The file holds
   split in its stored order, plus ``extra`` for SVHN with ``use_extra``);
 * ``test_images`` / ``test_labels`` (the ``test`` split);
 * ``dataset`` (the ``config.input.dataset`` name), ``num_classes`` and ``use_extra``, checked
-  against the config when a run starts.
+  against the config when a run starts;
+* optionally ``split`` ``int [3]``: ``(validation_size, split_seed, train_size)``. Such a file
+  (``npz_export --split``) holds only the examples that split keeps, already split: the
+  ``train_size`` training examples, then the ``validation_size`` validation examples, each in
+  stored order, exactly as :func:`sdjax.data.pipeline.create` splits the whole ``train``. A run
+  on it must set the same three ``config.input`` fields, and then sees the same data as on
+  the whole split (a file for a study of a subset, small enough to carry to another host).
 
 :func:`check_available` reads only the arrays' headers (no decompression), so the checks before
 compiling stay cheap; :func:`load_arrays` loads the arrays.
@@ -24,9 +30,19 @@ import numpy as np
 
 from sdjax.data import sources
 
-__all__ = ["KEYS", "check_available", "load_arrays", "read_shapes", "write"]
+__all__ = [
+    "KEYS",
+    "SPLIT_FIELDS",
+    "check_available",
+    "file_split",
+    "load_arrays",
+    "read_shapes",
+    "write",
+]
 
 KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+SPLIT_FIELDS = ("validation_size", "split_seed", "train_size")
+"""The ``config.input`` fields a pre-split file's ``split`` array holds, in order."""
 
 
 def read_shapes(path: str) -> dict[str, tuple[int, ...]]:
@@ -52,7 +68,13 @@ def _metadata(path: str) -> dict[str, Any]:
             "dataset": str(f["dataset"]) if "dataset" in f else None,
             "num_classes": int(f["num_classes"]) if "num_classes" in f else None,
             "use_extra": bool(f["use_extra"]) if "use_extra" in f else False,
+            "split": tuple(int(v) for v in f["split"]) if "split" in f else None,
         }
+
+
+def file_split(path: str) -> tuple[int, int, int] | None:
+    """The file's ``(validation_size, split_seed, train_size)`` if it is pre-split, else None."""
+    return _metadata(path)["split"]
 
 
 def check_available(input_config: Any, num_classes: int | None) -> sources.DatasetInfo:
@@ -64,7 +86,8 @@ def check_available(input_config: Any, num_classes: int | None) -> sources.Datas
 
     Raises:
       ValueError: a missing or unreadable file, one without the four arrays, one written for
-        another dataset or ``use_extra``, or split strings other than ``train`` / ``test``.
+        another dataset or ``use_extra``, split strings other than ``train`` / ``test``, or a
+        pre-split file whose split differs from the config's.
     """
     path = input_config.npz_path
     if not os.path.isfile(path):
@@ -99,6 +122,22 @@ def check_available(input_config: Any, num_classes: int | None) -> sources.Datas
             f"config.input.use_extra={input_config.get('use_extra')!r} does not match "
             f"config.input.npz_path={path!r}, written with use_extra={meta['use_extra']}."
         )
+    if meta["split"] is not None:
+        validation_size, _, train_size = meta["split"]
+        if train_size and shapes["train_labels"][0] != validation_size + train_size:
+            raise ValueError(
+                f"config.input.npz_path={path!r} holds {shapes['train_labels'][0]} training "
+                f"examples, not the {validation_size} + {train_size} of its split."
+            )
+        pairs = list(zip(SPLIT_FIELDS, meta["split"], strict=True))
+        written = ", ".join(f"{k}={v}" for k, v in pairs)
+        for field, value in pairs:
+            if int(input_config.get(field, 0)) != value:
+                raise ValueError(
+                    f"config.input.{field}={input_config.get(field, 0)!r} does not match "
+                    f"config.input.npz_path={path!r}, which holds the split {written} only; "
+                    "allowed: those values."
+                )
     classes = num_classes if num_classes is not None else meta["num_classes"]
     return sources.DatasetInfo(
         input_config.dataset,
@@ -129,8 +168,12 @@ def write(
     num_classes: int,
     use_extra: bool = False,
     compress: bool = True,
+    split: tuple[int, int, int] | None = None,
 ) -> None:
     """Writes the arrays and their metadata to ``path`` (``np.savez_compressed`` or ``savez``).
+
+    ``split``: ``(validation_size, split_seed, train_size)`` of a pre-split file (see the module
+    docstring); ``train`` must then be the training examples followed by the validation ones.
 
     The file is written next to ``path`` and renamed into place, so a reader never sees half a
     file.
@@ -146,5 +189,6 @@ def write(
         dataset=np.asarray(dataset),
         num_classes=np.asarray(num_classes, np.int32),
         use_extra=np.asarray(use_extra),
+        **({} if split is None else {"split": np.asarray(split, np.int64)}),
     )
     os.replace(tmp, path)

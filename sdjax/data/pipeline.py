@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from sdjax.data import sources
+from sdjax.data import npz, sources
 
 __all__ = [
     "InMemoryData",
@@ -170,7 +170,7 @@ class InMemoryData:
             yield {"image": images[idx], "label": labels[idx], "mask": mask[local]}
 
 
-def _split_validation(train, validation_size: int, split_seed: int, train_size: int = 0):
+def split_validation(train, validation_size: int, split_seed: int, train_size: int = 0):
     """``(train, val)``: the last ``validation_size`` of a permutation seeded with ``split_seed``
     validate; the first ``train_size`` of it (0: all the rest) train. Both keep stored order."""
     images, labels = train
@@ -247,12 +247,17 @@ def create(input_config: Any):
 
         return imagenet.StreamedData(input_config, info, IMAGENET_MEAN, IMAGENET_STD)
     train, test = sources.load_arrays(input_config)
-    train, val = _split_validation(
-        train,
-        input_config.validation_size,
-        input_config.split_seed,
-        int(input_config.get("train_size", 0)),
-    )
+    if input_config.get("npz_path") and npz.file_split(input_config.npz_path) is not None:
+        # Already split (checked against the config): the training part, then the validation.
+        n = len(train[1]) - int(input_config.validation_size)
+        train, val = (train[0][:n], train[1][:n]), (train[0][n:], train[1][n:])
+    else:
+        train, val = split_validation(
+            train,
+            input_config.validation_size,
+            input_config.split_seed,
+            int(input_config.get("train_size", 0)),
+        )
     channels = train[0].shape[-1]
     if input_config.normalize:
         mean, std = normalization_stats(train[0], input_config.get("normalization", "per_channel"))
