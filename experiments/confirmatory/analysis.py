@@ -3,7 +3,8 @@
 For each seed with both arms, ``d = error(arm) - error(constant)`` in percentage points; the
 estimate is the mean of the ``d`` and its 95% t interval with ``n - 1`` degrees of freedom
 (``experiments.common.stats.mean_ci`` of the differences). The decision rule (``decide``) is
-the plan's, applied to the primary endpoint, the test error at the best-validation epoch.
+the plan's, applied to the primary study's primary endpoint, the test error at the
+best-validation epoch, once every planned run is recorded; secondary studies get none.
 """
 
 from __future__ import annotations
@@ -76,8 +77,10 @@ def analyse(study: str, records: dict[str, list[dict[str, Any]]], planned_runs: 
                 high=ci["mean"] + ci["half_width"],
                 df=len(pairs) - 1,
             )
-            if key == "test_error_at_best_val" and own == planned_runs:
-                entry["decision"] = decide(entry["low"], entry["high"])  # never on partial data
+            # The plan's rule: the primary study's primary endpoint only, never on partial data
+            # (the secondary studies are reported without a decision).
+            if study == "primary" and key == "test_error_at_best_val" and own == planned_runs:
+                entry["decision"] = decide(entry["low"], entry["high"])
         result["endpoints"][key] = entry
     times = _pairs(arm_runs, constant_runs, "median_epoch_time_s")
     if len(times) >= 2:

@@ -21,6 +21,11 @@ One process per core, each taking the next unclaimed run of the plan::
 
 A run interrupted (a session ended) resumes from its checkpoint when the same command runs
 again; a recorded run is never retrained.
+
+On a host without TensorFlow (an accelerator host), ``--npz`` reads the study's examples from a
+pre-split export instead of the tfds folder: the same 1,024 training, 5,000 validation and
+10,000 test images (``python -m sdjax.data.npz_export --dataset=cifar10 --split=5000,0,1024``,
+45.7 MB); ``device.sh`` beside this file runs a study that way, several runs at once.
 """
 
 from __future__ import annotations
@@ -65,7 +70,9 @@ def overrides(model: str, arm: str, seed: int, args: argparse.Namespace) -> dict
         "train.progress_bar": False,
         "train.tensorboard": False,
     }
-    if args.data_dir:
+    if args.npz:
+        fields["input.npz_path"] = str(pathlib.Path(args.npz).resolve())
+    elif args.data_dir:
         fields["input.data_dir"] = args.data_dir
     if arm == "warmup":
         fields["train.drop_warmup_fraction"] = 0.25
@@ -139,6 +146,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", choices=sorted(STUDIES), default="primary")
     parser.add_argument("--data_dir", default=os.environ.get("TFDS_DATA_DIR"))
+    parser.add_argument(
+        "--npz", default=None, help="a pre-split export of the study's examples (no tfds)"
+    )
     parser.add_argument("--train_size", type=int, default=TRAIN_SIZE)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--eval_every_epochs", type=int, default=EVAL_EVERY_EPOCHS)
