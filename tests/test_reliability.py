@@ -72,7 +72,9 @@ class Runner:
             env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
             # The two-device oneDNN convolutions are custom_partitioning calls, whose cache key
             # holds a per-process callback pointer: without this every child missed the cache
-            # and compiled its train step again. The compiled programs are the same.
+            # and compiled its train step again. Safe here, as every child compiles the same
+            # config; in general two programs that differ only inside a partitioning callback
+            # (a convolution's padding, say) would share a key.
             env["JAX_REMOVE_CUSTOM_PARTITIONING_PTR_FROM_CACHE_KEY"] = "true"
         return env
 
