@@ -99,3 +99,34 @@ def test_a_closed_block_is_not_run_but_weight_decay_and_momentum_still_apply(por
         shortcut, branch = model.blocks[0].shortcut(x), model.blocks[0].branch(x)
         expected = torch.relu(shortcut + branch * (1 - 0.5 / 9))
         torch.testing.assert_close(model.blocks[0](x), expected)
+
+
+def test_a_tiny_run_on_a_pre_split_npz_keeps_its_split_and_evaluates_every_n_epochs(port, tmp_path):
+    from sdjax.data import npz, npz_export  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    train = (rng.integers(0, 256, (90, 32, 32, 3), np.uint8), rng.integers(0, 10, 90))
+    test = (rng.integers(0, 256, (20, 32, 32, 3), np.uint8), rng.integers(0, 10, 20))
+    split = (30, 0, 40)
+    whole, path = str(tmp_path / "whole.npz"), str(tmp_path / "subset.npz")
+    npz.write(whole, train, test, dataset="cifar10", num_classes=10)
+    assert port.load_npz(whole)[1] is None  # not pre-split: the port splits it itself
+    subset = npz_export.split_arrays(train, split)
+    npz.write(path, subset, test, dataset="cifar10", num_classes=10, split=split)
+    (train_x, train_y, test_x, _), file_split = port.load_npz(path)
+    assert file_split == split and train_x.shape == (70, 3, 32, 32)
+    np.testing.assert_array_equal(test_x[3], test[0][3].transpose(2, 0, 1))
+    args = ["--variant", "sd", "--seed", "1", "--depth", "8", "--epochs", "3"]
+    args += ["--batch_size", "16", "--eval_every", "2", "--npz", path, "--out", str(tmp_path)]
+    result = port.main(args)
+    assert (result["train_size"], result["valid_size"]) == (40, 30)
+    evaluated = [r["epoch"] for r in result["per_epoch"] if "valid_error" in r]
+    assert evaluated == [2, 3]  # every 2 epochs and the last
+    best = min(
+        (r for r in result["per_epoch"] if "valid_error" in r), key=lambda r: r["valid_error"]
+    )
+    assert result["test_error_at_best_valid"] == best["test_error"]
+    assert result["test_error"] == result["per_epoch"][-1]["test_error"]
+    assert (tmp_path / "sd_seed1.json").exists()
+    with pytest.raises(ValueError, match="--train_size=10: the pre-split --npz holds 40"):
+        port.main([*args[:-2], "--out", str(tmp_path / "again"), "--train_size", "10"])

@@ -67,8 +67,13 @@ Optimisation (``main.lua`` l.45-55, l.153-209):
 Departures, each for a stated reason: the random generators are seeded with ``--seed`` (the Lua
 code always uses 1, l.28-29) so that seeds can be paired and repeated; the split, batch order,
 augmentation and gates use one ``torch.Generator`` (Lua: the global generator), which changes
-the draws, not their distributions; runs are on CPU in float32 with ``--threads`` threads (the
-paper: one GPU, cudnn).
+the draws, not their distributions; runs are in float32 on ``--device`` (default CPU with
+``--threads`` threads; the paper: one GPU, cudnn). Options that depart only when set:
+``--eval_every N`` evaluates every N epochs and at the last (the paper: every epoch; the best
+validation epoch is then the best evaluated one); ``--npz`` reads an sdjax ``.npz`` export
+instead of tfds (a host without TensorFlow), and a pre-split export (``npz_export --split``)
+keeps its own split, sdjax's seeded permutation, instead of ``torch.randperm``, so that both
+implementations see the same examples.
 
 One run per call; the record goes to ``<out>/<variant>_seed<seed>.json`` (a finished run is
 skipped on rerun), a line per epoch to stderr::
@@ -120,6 +125,25 @@ def load_cifar(dataset: str, data_dir: str | None) -> tuple[np.ndarray, ...]:
             labels.astype(np.int64),
         ]
     return tuple(out)
+
+
+def load_npz(path: str) -> tuple[tuple[np.ndarray, ...], tuple[int, int, int] | None]:
+    """The arrays of an sdjax ``.npz`` export as :func:`load_cifar` returns them, and the file's
+    ``split`` (``validation_size, split_seed, train_size``) if it is pre-split, else None.
+
+    Read with NumPy alone: the format is four arrays (``train_images`` ``uint8 [N, H, W, C]``,
+    ``train_labels``, ``test_images``, ``test_labels``) and small metadata arrays.
+    """
+    with np.load(path, allow_pickle=False) as f:
+        arrays = []
+        for part in ("train", "test"):
+            images = f[f"{part}_images"].transpose(0, 3, 1, 2)
+            arrays += [
+                np.ascontiguousarray(images, np.float32),
+                f[f"{part}_labels"].astype(np.int64),
+            ]
+        split = tuple(int(v) for v in f["split"]) if "split" in f else None
+    return tuple(arrays), split
 
 
 def split_train_valid(images, labels, generator: torch.Generator, train_size: int | None):
@@ -254,13 +278,15 @@ def learning_rate(epoch: int, max_epochs: int, drops: tuple[float, float]) -> fl
 
 
 @torch.no_grad()
-def error_rate(model: nn.Module, images: np.ndarray, labels: np.ndarray, batch: int) -> float:
+def error_rate(
+    model: nn.Module, images: np.ndarray, labels: np.ndarray, batch: int, device: str = "cpu"
+) -> float:
     """``main.lua`` l.115-132: top-1 error in evaluation mode, all gates open."""
     model.eval()
     wrong = 0
     for start in range(0, len(images), batch):
-        logits = model(torch.from_numpy(images[start : start + batch]))
-        wrong += int((logits.argmax(1).numpy() != labels[start : start + batch]).sum())
+        logits = model(torch.from_numpy(images[start : start + batch]).to(device))
+        wrong += int((logits.argmax(1).cpu().numpy() != labels[start : start + batch]).sum())
     return wrong / len(images)
 
 
@@ -268,13 +294,24 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    train_x, train_y, test_x, test_y = load_cifar(args.dataset, args.data_dir)
-    train_x, train_y, valid_x, valid_y = split_train_valid(
-        train_x, train_y, generator, args.train_size
-    )
+    split = None
+    if args.npz:
+        (train_x, train_y, test_x, test_y), split = load_npz(args.npz)
+    else:
+        train_x, train_y, test_x, test_y = load_cifar(args.dataset, args.data_dir)
+    if split is None:
+        train_x, train_y, valid_x, valid_y = split_train_valid(
+            train_x, train_y, generator, args.train_size
+        )
+    else:  # the file's split (sdjax's), kept as it is: the last validation_size validate
+        n = len(train_y) - split[0]
+        if args.train_size not in (None, n):
+            raise ValueError(f"--train_size={args.train_size}: the pre-split --npz holds {n}")
+        train_x, train_y, valid_x, valid_y = train_x[:n], train_y[:n], train_x[n:], train_y[n:]
     train_x, valid_x, test_x = normalise(train_x, valid_x, test_x)
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     model = PaperResNet(args.depth, num_classes, VARIANTS[args.variant], args.death_mode)
+    model.to(args.device)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=0.1, momentum=0.9, dampening=0, nesterov=True, weight_decay=1e-4
     )
@@ -290,23 +327,28 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             model.train()
             open_gates.append(model.draw_gates(generator))
             inputs = translate_and_flip(torch.from_numpy(train_x[batch.numpy()]), generator)
+            targets = torch.from_numpy(train_y[batch.numpy()])
             optimizer.zero_grad(set_to_none=False)
-            loss = loss_fn(model(inputs), torch.from_numpy(train_y[batch.numpy()]))
+            loss = loss_fn(model(inputs.to(args.device)), targets.to(args.device))
             loss.backward()
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
         record = {
             "epoch": epoch,
             "learning_rate": optimizer.param_groups[0]["lr"],
             "train_loss": float(np.mean(losses)),
             "blocks_run": float(np.mean(open_gates)),
-            "valid_error": error_rate(model, valid_x, valid_y, args.batch_size),
-            "test_error": error_rate(model, test_x, test_y, args.batch_size),
             "train_time_s": time.time() - epoch_start,
         }
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            record["valid_error"] = error_rate(
+                model, valid_x, valid_y, args.batch_size, args.device
+            )
+            record["test_error"] = error_rate(model, test_x, test_y, args.batch_size, args.device)
         epochs.append(record)
         print(json.dumps(record), file=sys.stderr, flush=True)
-    best = min(epochs, key=lambda r: (r["valid_error"], r["epoch"]))
+    evaluated = [r for r in epochs if "valid_error" in r]
+    best = min(evaluated, key=lambda r: (r["valid_error"], r["epoch"]))
     return {
         "variant": args.variant,
         "seed": args.seed,
@@ -314,6 +356,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         "depth": args.depth,
         "epochs": args.epochs,
         "train_size": len(train_x),
+        "valid_size": len(valid_x),
+        "split": "npz file's" if split is not None else "torch.randperm (cifar-dataset.lua)",
+        "eval_every": args.eval_every,
+        "device": args.device,
         "death_rate": VARIANTS[args.variant],
         "death_mode": args.death_mode,
         "test_error": epochs[-1]["test_error"],
@@ -339,10 +385,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--train_size", type=int, default=None, help="first N of the 45k")
     parser.add_argument("--data_dir", default=os.environ.get("TFDS_DATA_DIR"))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, ...")
+    parser.add_argument(
+        "--eval_every", type=int, default=1, help="evaluate every N epochs and at the last"
+    )
+    parser.add_argument("--npz", default=None, help="an sdjax .npz export instead of tfds")
     parser.add_argument("--out", required=True, help="folder of the per-run records")
     args = parser.parse_args(argv)
     if args.train_size is not None and not 0 < args.train_size <= TRAIN_SIZE:
         parser.error(f"--train_size={args.train_size}: allowed 1 ... {TRAIN_SIZE}")
+    if args.eval_every < 1:
+        parser.error(f"--eval_every={args.eval_every}: allowed an integer >= 1")
     path = os.path.join(args.out, f"{args.variant}_seed{args.seed}.json")
     if os.path.exists(path):
         with open(path) as f:
