@@ -94,29 +94,24 @@ def train_missing(args: argparse.Namespace) -> list[str]:
 
 def load_runs(sdjax_dir: pathlib.Path, runs_dir: pathlib.Path) -> list[dict[str, Any]]:
     """Both frameworks' runs as ``{"framework", "variant", "seed", "best_val", "last"}``."""
+    # framework: (folder, the record's variant key, its best-validation test error key)
+    sources = {
+        "sdjax": (sdjax_dir, "arm", "test_error_at_best_val"),
+        "torch": (runs_dir, "variant", "test_error_at_best_valid"),
+    }
     runs = []
-    for path in sorted(sdjax_dir.glob("*.json")):
-        r = json.loads(path.read_text())
-        runs.append(
-            {
-                "framework": "sdjax",
-                "variant": r["arm"],
-                "seed": r["seed"],
-                "best_val": r["test_error_at_best_val"],
-                "last": r["test_error"],
-            }
-        )
-    for path in sorted(runs_dir.glob("*.json")):
-        r = json.loads(path.read_text())
-        runs.append(
-            {
-                "framework": "torch",
-                "variant": r["variant"],
-                "seed": r["seed"],
-                "best_val": r["test_error_at_best_valid"],
-                "last": r["test_error"],
-            }
-        )
+    for framework, (folder, variant, best_val) in sources.items():
+        for path in sorted(folder.glob("*.json")):
+            r = json.loads(path.read_text())
+            runs.append(
+                {
+                    "framework": framework,
+                    "variant": r[variant],
+                    "seed": r["seed"],
+                    "best_val": r[best_val],
+                    "last": r["test_error"],
+                }
+            )
     return [r for r in runs if r["seed"] in SEEDS and r["variant"] in VARIANTS]
 
 
