@@ -241,5 +241,6 @@ def test_a_pre_split_file_gives_a_run_the_same_data_as_the_whole_split(tmp_path)
         with pytest.raises(ValueError, match=f"config.input.{field}={value} does not match") as e:
             sources.check_available(_input(part, **{**fields, field: value}))
         assert "validation_size=50, split_seed=3, train_size=120" in str(e.value)
-    with pytest.raises(SystemExit):
-        npz_export.main(["--split=50,3", f"--out={tmp_path / 'x.npz'}"])
+    for bad in (["--split=50,3"], ["--split=50,3,120", "--train_size=5"]):
+        with pytest.raises(SystemExit):  # one usage error line, before any data is read
+            npz_export.main([*bad, f"--out={tmp_path / 'x.npz'}"])

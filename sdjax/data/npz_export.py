@@ -8,8 +8,9 @@ the stored order; 0 = all), for a small file to test with; ``--split=V,SEED,N`` 
 examples that ``config.input.validation_size=V, split_seed=SEED, train_size=N`` train and
 validate on, already split (a pre-split file, see :mod:`sdjax.data.npz`: a run on it sees the
 same data as on the whole split; CIFAR-10's 1,024 + 5,000 + the 10,000 test images are about
-45 MB); ``--no_compress`` stores the arrays uncompressed. CIFAR-10 in full is 184 MB of uint8 pixels; compressed (zlib) about 171 MB, as
-its pixels compress poorly. The output's size, shapes and SHA-256 are printed.
+45 MB); ``--no_compress`` stores the arrays uncompressed. CIFAR-10 in full is 184 MB of uint8
+pixels; compressed (zlib) about 171 MB, as its pixels compress poorly. The output's size,
+shapes and SHA-256 are printed.
 """
 
 from __future__ import annotations
@@ -66,11 +67,11 @@ def export(
     if dataset not in sources.DATASETS or sources.DATASETS[dataset].tfds_name is None:
         names = [k for k, v in sources.DATASETS.items() if v.tfds_name and not v.streamed]
         raise ValueError(f"--dataset={dataset!r} is invalid; allowed: one of {names}.")
+    if split is not None and train_size:
+        raise ValueError(f"--train_size={train_size} is invalid with --split; allowed: 0.")
     input_config = _Input(dataset, data_dir, use_extra)
     info = sources.check_available(input_config)
     train, test = sources.load_arrays(input_config)
-    if split is not None and train_size:
-        raise ValueError(f"--train_size={train_size} is invalid with --split; allowed: 0.")
     if split is not None:
         train = split_arrays(train, split)
     if train_size:
@@ -126,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"--split={args.split!r} is invalid; allowed: V,SEED,N "
                 "(validation_size, split_seed, train_size; integers, V and N >= 0)"
             )
+        if args.train_size:
+            parser.error(f"--train_size={args.train_size} is invalid with --split; allowed: 0")
     summary = export(
         args.dataset,
         args.out,

@@ -33,6 +33,7 @@ __all__ = [
     "epoch_permutation",
     "last_batch_size",
     "normalization_stats",
+    "split_validation",
     "steps_per_epoch",
 ]
 
