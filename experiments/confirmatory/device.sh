@@ -14,11 +14,8 @@ npz="$(cd "$(dirname "$1")" && pwd)/$(basename "$1")"
 parallel="$2"
 shift 2
 cd "$(dirname "$0")/../.."
-for wheel in experiments/fullscale/wheels/*.whl; do
-  [ -e "$wheel" ] && PYTHONPATH="$PWD/$wheel${PYTHONPATH:+:$PYTHONPATH}"
-done
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+source experiments/fullscale/pythonpath.sh
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
 for k in $(seq "$parallel"); do
   python -m experiments.confirmatory.run --npz="$npz" "$@" > "confirmatory_device_$k.log" 2>&1 &
 done

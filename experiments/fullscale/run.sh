@@ -18,9 +18,5 @@ if [ ! -e "$npz" ] && compgen -G "$npz.part-*" > /dev/null; then
   echo "joined $(compgen -G "$npz.part-*" | wc -l) parts into $npz" >&2
 fi
 cd "$(dirname "$0")/../.."
-for wheel in experiments/fullscale/wheels/*.whl; do
-  [ -e "$wheel" ] && PYTHONPATH="$PWD/$wheel${PYTHONPATH:+:$PYTHONPATH}"
-done
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
+source experiments/fullscale/pythonpath.sh
 exec python -m experiments.fullscale.run --npz="$npz" "$@"
