@@ -16,11 +16,11 @@ and compares them with sdjax's confirmatory records
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import pathlib
 import subprocess
 import sys
-import time
 from typing import Any
 
 from experiments import common
@@ -66,30 +66,19 @@ def train_missing(args: argparse.Namespace) -> list[str]:
     pending = [
         (v, s) for s in SEEDS for v in VARIANTS if not (runs_dir / f"{v}_seed{s}.json").exists()
     ]
-    running: list[tuple[str, subprocess.Popen]] = []
-    failed = []
 
-    def reap(block: bool) -> None:
-        while running and (block or len(running) >= args.parallel):
-            for item in list(running):
-                name, proc = item
-                if proc.poll() is not None:
-                    running.remove(item)
-                    print(f"{name}: exit {proc.returncode}", flush=True)
-                    if proc.returncode:
-                        failed.append(name)
-            time.sleep(0.2)
-
-    for variant, seed in pending:
-        reap(block=False)
-        name = f"{variant}_seed{seed}"
+    def train(run: tuple[str, int]) -> int:
+        name = f"{run[0]}_seed{run[1]}"
         with open(logs / f"{name}.log", "w") as log:
-            proc = subprocess.Popen(
-                port_command(variant, seed, args), cwd=common.REPO_ROOT, stderr=log, stdout=log
+            code = subprocess.call(
+                port_command(*run, args), cwd=common.REPO_ROOT, stdout=log, stderr=log
             )
-        running.append((name, proc))
-    reap(block=True)
-    return failed
+        print(f"{name}: exit {code}", flush=True)
+        return code
+
+    with concurrent.futures.ThreadPoolExecutor(args.parallel) as pool:
+        codes = list(pool.map(train, pending))
+    return [f"{v}_seed{s}" for (v, s), code in zip(pending, codes, strict=True) if code]
 
 
 def load_runs(sdjax_dir: pathlib.Path, runs_dir: pathlib.Path) -> list[dict[str, Any]]:
