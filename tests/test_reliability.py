@@ -50,6 +50,7 @@ OVERRIDES = (
     "--config.train.eval_every_epochs=1",
     "--config.train.keep_checkpoints=10",
     "--config.train.log_every_steps=1",
+    "--config.train.tensorboard=True",  # its scalars must resume exactly too
 )
 CHILD_TIMEOUT_S = 600
 KILL_SEEDS = (0,)

@@ -83,7 +83,9 @@ def test_end_to_end_builds_once_and_writes_results_metrics_and_checkpoints(
     monkeypatch.setattr(data_lib, "create", count("data", create_data))
     monkeypatch.setattr(models, "create", count("model", create_model))
     workdir = tmp_path / "run"
-    results = loop.train_and_evaluate(tiny_config(), str(workdir))
+    config = tiny_config()
+    config.train.tensorboard = True
+    results = loop.train_and_evaluate(config, str(workdir))
     assert calls == {"data": 1, "model": 1}  # built once, checked on the same objects
     on_disk = json.loads((workdir / "results.json").read_text())
     assert on_disk["steps"] == results["steps"] == 6

@@ -27,4 +27,7 @@ def get_config(arg=None):
     config.train.log_every_steps = 2
     config.train.checkpoint_every_steps = 3
     config.train.progress_bar = False
+    # No TensorBoard events: writing them imports clu and TensorFlow (~3 s per child process).
+    # The tests of the events turn them on (test_train.py, test_reliability.py).
+    config.train.tensorboard = False
     return apply_arg(config, arg)
