@@ -92,8 +92,12 @@ def test_analysis_is_paired_and_decides_only_for_the_complete_primary_study():
         "primary": records["primary"],
         "warmup": [_record("warmup", 100 + i, c - 1) for i, c in enumerate(constant)],
     }
-    entry = analysis.analyse("warmup", warm, 9)["endpoints"]["test_error_at_best_val"]
+    result = analysis.analyse("warmup", warm, 9)
+    entry = result["endpoints"]["test_error_at_best_val"]
     assert entry["n"] == 3 and entry["mean_diff"] == pytest.approx(-1.0)
+    # Its epoch times are not paired with runs that trained elsewhere.
+    assert "median_epoch_time_ratio" not in result
+    assert "Epoch times are not compared" in analysis.to_markdown(result)
 
 
 @pytest.mark.parametrize(

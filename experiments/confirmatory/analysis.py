@@ -82,7 +82,14 @@ def analyse(study: str, records: dict[str, list[dict[str, Any]]], planned_runs: 
             if study == "primary" and key == "test_error_at_best_val" and own == planned_runs:
                 entry["decision"] = decide(entry["low"], entry["high"])
         result["endpoints"][key] = entry
-    times = _pairs(arm_runs, constant_runs, "median_epoch_time_s")
+    # Epoch times pair only runs that trained side by side, i.e. within one study; an arm paired
+    # with another study's constant runs (warm-up) met other hosts and other loads.
+    times = _pairs(arm_runs, constant_runs, "median_epoch_time_s") if base == study else []
+    if base != study:
+        result["time_note"] = (
+            f"Epoch times are not compared: the constant runs are the {base} study's, trained "
+            "in other sessions, on other hosts and loads."
+        )
     if len(times) >= 2:
         ci = stats.mean_ci([a / c for _, c, a in times])  # the pairs are scaled by 100
         result["median_epoch_time_ratio"] = {
@@ -125,4 +132,6 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"Median epoch time, {arm} / constant, paired: {t['mean']:.3f} "
             f"[{t['low']:.3f}, {t['high']:.3f}] ({t['n']} pairs).",
         ]
+    if "time_note" in result:
+        lines += ["", result["time_note"]]
     return "\n".join(lines)
