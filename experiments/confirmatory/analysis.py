@@ -84,15 +84,12 @@ def analyse(study: str, records: dict[str, list[dict[str, Any]]], planned_runs: 
         result["endpoints"][key] = entry
     # Epoch times pair only runs that trained side by side, i.e. within one study; an arm paired
     # with another study's constant runs (warm-up) met other hosts and other loads.
-    times = []
-    if base == study:
-        times = _pairs(arm_runs, constant_runs, "median_epoch_time_s")
-    else:
+    if base != study:
         result["time_note"] = (
             f"Epoch times are not compared: the constant runs are the {base} study's, trained "
             "in other sessions, on other hosts and loads."
         )
-    if len(times) >= 2:
+    elif len(times := _pairs(arm_runs, constant_runs, "median_epoch_time_s")) >= 2:
         ci = stats.mean_ci([a / c for _, c, a in times])  # the pairs are scaled by 100
         result["median_epoch_time_ratio"] = {
             "n": len(times),
