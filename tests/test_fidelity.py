@@ -53,6 +53,11 @@ def test_mean_ci_single_value_has_nan_spread():
     assert one["mean"] == 0.3 and np.isnan(one["half_width"])
     two = fidelity_stats.mean_ci([0.1, 0.3])
     assert two["half_width"] == pytest.approx(12.706204736 * np.std([0.1, 0.3], ddof=1) / 2**0.5)
+    low, high = fidelity_stats.ci_bounds(two)
+    assert low == pytest.approx(0.2 - two["half_width"]) and high == pytest.approx(
+        0.2 + two["half_width"]
+    )
+    assert all(np.isnan(fidelity_stats.ci_bounds(one)))
 
 
 # ---------------------------------------------------------------------------------------------

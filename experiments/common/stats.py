@@ -1,6 +1,6 @@
 """The intervals every study uses: t interval of a mean (paired differences included), Welch.
 
-* `mean_ci`: mean and the t interval of the mean (n - 1 df); applied to per-seed differences it
+* `mean_ci`: mean and the t interval of the mean (n - 1 df; `ci_bounds` gives its ends); applied to per-seed differences it
   is the paired t interval (`paired_differences` pairs runs by seed; `paired_diff_interval`
   gives it in the shape of `welch_diff_interval`'s result).
 * `welch_diff_interval`: difference of two independent means, Welch-Satterthwaite df.
@@ -22,6 +22,7 @@ import numpy as np
 
 __all__ = [
     "bootstrap_diff_interval",
+    "ci_bounds",
     "difference_of_differences",
     "group_runs",
     "mean_ci",
@@ -116,6 +117,11 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict[str, floa
     return {"n": n, "mean": mean, "std": std, "half_width": half}
 
 
+def ci_bounds(ci: dict[str, float]) -> tuple[float, float]:
+    """``(mean - half_width, mean + half_width)`` of a `mean_ci` result (both `nan` for n = 1)."""
+    return ci["mean"] - ci["half_width"], ci["mean"] + ci["half_width"]
+
+
 def paired_differences(
     runs: Iterable[dict[str, Any]], key: str, first: str, second: str
 ) -> list[float]:
@@ -152,10 +158,11 @@ def paired_diff_interval(
         return None
     ci = mean_ci(diffs, confidence)
     n = ci["n"]
+    low, high = ci_bounds(ci)
     return {
         "diff": ci["mean"],
-        "low": ci["mean"] - ci["half_width"],
-        "high": ci["mean"] + ci["half_width"],
+        "low": low,
+        "high": high,
         "df": float(n - 1),
         "se": ci["std"] / math.sqrt(n),
         "n": n,

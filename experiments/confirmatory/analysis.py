@@ -71,12 +71,8 @@ def analyse(study: str, records: dict[str, list[dict[str, Any]]], planned_runs: 
         entry: dict[str, Any] = {"label": label, "pairs": pairs, "n": len(pairs)}
         if len(pairs) >= 2:
             ci = stats.mean_ci([a - c for _, c, a in pairs])
-            entry.update(
-                mean_diff=ci["mean"],
-                low=ci["mean"] - ci["half_width"],
-                high=ci["mean"] + ci["half_width"],
-                df=len(pairs) - 1,
-            )
+            low, high = stats.ci_bounds(ci)
+            entry.update(mean_diff=ci["mean"], low=low, high=high, df=len(pairs) - 1)
             # The plan's rule: the primary study's primary endpoint only, never on partial data
             # (the secondary studies are reported without a decision).
             if study == "primary" and key == "test_error_at_best_val" and own == planned_runs:
@@ -91,11 +87,12 @@ def analyse(study: str, records: dict[str, list[dict[str, Any]]], planned_runs: 
         )
     elif len(times := _pairs(arm_runs, constant_runs, "median_epoch_time_s")) >= 2:
         ci = stats.mean_ci([a / c for _, c, a in times])  # the pairs are scaled by 100
+        low, high = stats.ci_bounds(ci)
         result["median_epoch_time_ratio"] = {
             "n": len(times),
             "mean": ci["mean"],
-            "low": ci["mean"] - ci["half_width"],
-            "high": ci["mean"] + ci["half_width"],
+            "low": low,
+            "high": high,
         }
     result["complete"] = own == planned_runs
     return result

@@ -96,8 +96,8 @@ def analyse(runs: list[dict[str, Any]], removed: list[int]) -> dict[str, Any]:
             diffs = [per_arm["sd"][s] - per_arm["constant"][s] for s in seeds]
             if len(diffs) >= 2:
                 ci = stats.mean_ci(diffs)
-                row.update(gap=ci["mean"], low=ci["mean"] - ci["half_width"])
-                row["high"] = ci["mean"] + ci["half_width"]
+                low, high = stats.ci_bounds(ci)
+                row.update(gap=ci["mean"], low=low, high=high)
             rows.append(row)
         table[order] = rows
     return table

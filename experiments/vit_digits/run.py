@@ -59,11 +59,12 @@ def _interval(values: list[float], scale: float = 1.0) -> dict[str, Any] | None:
     if len(values) < 2:
         return None
     ci = stats.mean_ci(values)
+    low, high = stats.ci_bounds(ci)
     return {
         "n": ci["n"],
         "mean": scale * ci["mean"],
-        "low": scale * (ci["mean"] - ci["half_width"]),
-        "high": scale * (ci["mean"] + ci["half_width"]),
+        "low": scale * low,
+        "high": scale * high,
         "per_seed": [scale * v for v in values],
     }
 
