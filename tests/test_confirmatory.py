@@ -52,6 +52,17 @@ def test_plan_pairs_the_arms_by_seed_on_the_plans_subset_and_budget(tmp_path):
     warmup = run.plan(_args(tmp_path, study="warmup"))
     assert {r["arm"] for r in warmup} == {"warmup"}
     assert "--config.train.drop_warmup_fraction=0.25" in warmup[0]["command"]
+    # The warm-up replication: its own constant arm, on seeds no other study uses.
+    confirm = run.plan(_args(tmp_path, study="warmup_confirm"))
+    assert [(r["arm"], r["seed"]) for r in confirm[:2]] == [("constant", 200), ("warmup", 200)]
+    assert (
+        len(confirm) == 18 and "--config.train.drop_warmup_fraction=0.25" in confirm[1]["command"]
+    )
+    assert not any("drop_warmup" in f for f in confirm[0]["command"])
+    others = {
+        s for name, st in run.STUDIES.items() if name != "warmup_confirm" for s in st["seeds"]
+    }
+    assert not others & {r["seed"] for r in confirm}
     # On a host without tfds: the pre-split export instead of the tfds folder.
     flags = run.plan(_args(tmp_path, npz="subset.npz"))[0]["command"]
     assert any(f.startswith("--config.input.npz_path=/") for f in flags)
@@ -100,6 +111,23 @@ def test_analysis_is_paired_and_decides_only_for_the_complete_primary_study():
     assert "Epoch times are not compared" in analysis.to_markdown(result)
 
 
+def test_the_warmup_replication_has_its_own_decision_rule_and_plan():
+    records = {
+        "warmup_confirm": [_record("constant", 200 + i, 40.0 + i, epoch_s=2.0) for i in range(3)]
+        + [_record("warmup", 200 + i, 38.0 + i + 0.1 * i, epoch_s=1.8) for i in range(3)]
+    }
+    partial = analysis.analyse("warmup_confirm", records, planned_runs=18)
+    assert "decision" not in partial["endpoints"]["test_error_at_best_val"]
+    complete = analysis.analyse("warmup_confirm", records, planned_runs=6)
+    entry = complete["endpoints"]["test_error_at_best_val"]
+    assert entry["mean_diff"] == pytest.approx(-1.9) and entry["high"] < 0
+    assert entry["decision"].startswith("stochastic depth with warm-up lowers test error")
+    assert complete["median_epoch_time_ratio"]["mean"] == pytest.approx(0.9)
+    text = analysis.to_markdown(complete)
+    assert "(PLAN_warmup_confirm.md)" in text and "Decision (PLAN_warmup_confirm.md rule)" in text
+    assert (run.HERE / "PLAN_warmup_confirm.md").is_file()
+
+
 @pytest.mark.parametrize(
     "low, high, verdict, paper",
     [
@@ -117,4 +145,4 @@ def test_decision_rule_of_the_plan(low, high, verdict, paper):
 def test_a_budget_other_than_the_plans_is_refused_for_the_committed_results(capsys):
     with pytest.raises(SystemExit):
         run.main(["--study", "primary", "--epochs", "2"])
-    assert "differ from PLAN.md's (1024, 320, 10)" in capsys.readouterr().err
+    assert "differ from the plan's (1024, 320, 10)" in capsys.readouterr().err

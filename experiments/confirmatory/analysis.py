@@ -3,8 +3,9 @@
 For each seed with both arms, ``d = error(arm) - error(constant)`` in percentage points; the
 estimate is the mean of the ``d`` and its 95% t interval with ``n - 1`` degrees of freedom
 (``experiments.common.stats.mean_ci`` of the differences). The decision rule (``decide``) is
-the plan's, applied to the primary study's primary endpoint, the test error at the
-best-validation epoch, once every planned run is recorded; secondary studies get none.
+the plans', applied to the primary endpoint (the test error at the best-validation epoch) of
+the studies that have one (``DECIDED``: ``PLAN.md``'s primary study and the warm-up replication
+of ``PLAN_warmup_confirm.md``), once every planned run is recorded; secondary studies get none.
 """
 
 from __future__ import annotations
@@ -24,16 +25,22 @@ COMPARED = {
     "primary": ("sd", "primary"),
     "deep56": ("sd", "deep56"),
     "warmup": ("warmup", "primary"),
+    "warmup_confirm": ("warmup", "warmup_confirm"),
 }
 """study -> (the arm compared with constant depth, the study whose constant runs it pairs with)."""
+DECIDED = {"primary": "stochastic depth", "warmup_confirm": "stochastic depth with warm-up"}
+"""The studies whose plan states a decision rule -> the method the rule speaks of."""
+PLANS = {"warmup_confirm": "PLAN_warmup_confirm.md"}
+"""study -> its plan file beside this module (``PLAN.md`` where absent)."""
 
 
-def decide(low: float, high: float) -> str:
-    """The plan's rule for the 95% paired interval ``[low, high]`` of SD minus constant (points)."""
+def decide(low: float, high: float, method: str = "stochastic depth") -> str:
+    """The plans' rule for the 95% paired interval ``[low, high]`` of `method` minus constant
+    depth (points)."""
     if high < 0:
-        verdict = "stochastic depth lowers test error (interval below 0)"
+        verdict = f"{method} lowers test error (interval below 0)"
     elif low > 0:
-        verdict = "stochastic depth raises test error (interval above 0)"
+        verdict = f"{method} raises test error (interval above 0)"
     else:
         verdict = "inconclusive (interval contains 0)"
     if low <= PAPER_GAIN_POINTS <= high:
@@ -73,10 +80,11 @@ def analyse(study: str, records: dict[str, list[dict[str, Any]]], planned_runs: 
             ci = stats.mean_ci([a - c for _, c, a in pairs])
             low, high = stats.ci_bounds(ci)
             entry.update(mean_diff=ci["mean"], low=low, high=high, df=len(pairs) - 1)
-            # The plan's rule: the primary study's primary endpoint only, never on partial data
+            # The plans' rule: a decided study's primary endpoint only, never on partial data
             # (the secondary studies are reported without a decision).
-            if study == "primary" and key == "test_error_at_best_val" and own == planned_runs:
-                entry["decision"] = decide(entry["low"], entry["high"])
+            primary = key == "test_error_at_best_val"
+            if study in DECIDED and primary and own == planned_runs:
+                entry["decision"] = decide(entry["low"], entry["high"], DECIDED[study])
         result["endpoints"][key] = entry
     # Epoch times pair only runs that trained side by side, i.e. within one study; an arm paired
     # with another study's constant runs (warm-up) met other hosts and other loads.
@@ -102,11 +110,12 @@ def to_markdown(result: dict[str, Any]) -> str:
     """The study's table: per-seed errors and their paired differences, then the estimate."""
     arm = result["arm"]
     status = "complete" if result["complete"] else "PARTIAL"
+    plan = PLANS.get(result["study"], "PLAN.md")
     lines = [
         f"# Confirmatory study `{result['study']}`: {arm} vs constant depth ({status}: "
         f"{result['runs_recorded']} of {result['runs_planned']} runs recorded)",
         "",
-        f"Analysis: {result['analysis']} (PLAN.md). Errors in %, differences in points.",
+        f"Analysis: {result['analysis']} ({plan}). Errors in %, differences in points.",
     ]
     for entry in result["endpoints"].values():
         rows = [[seed, f"{c:.2f}", f"{a:.2f}", f"{a - c:+.2f}"] for seed, c, a in entry["pairs"]]
@@ -120,7 +129,7 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"{entry['df']} df).",
             ]
             if "decision" in entry:
-                lines.append(f"Decision (PLAN.md rule): {entry['decision']}.")
+                lines.append(f"Decision ({plan} rule): {entry['decision']}.")
     if "median_epoch_time_ratio" in result:
         t = result["median_epoch_time_ratio"]
         lines += [

@@ -11,7 +11,10 @@ training part (``input.train_size``, ``split_seed`` 0), validated on the 5k, tes
 * ``primary``: ResNet-20, 320 epochs, arms ``constant`` and ``sd``, seeds 100-108;
 * ``deep56``: ResNet-56, the same subset and budget, arms ``constant`` and ``sd``, seeds 100-104;
 * ``warmup``: ResNet-20 as ``primary``, arm ``warmup`` (``sd`` with the drop rates ramped up
-  over the first 25% of the steps), seeds 100-108, compared with ``primary``'s constant runs.
+  over the first 25% of the steps), seeds 100-108, compared with ``primary``'s constant runs;
+* ``warmup_confirm``: the pre-registered replication of ``warmup``'s result on fresh seeds
+  (``PLAN_warmup_confirm.md``): ResNet-20 as ``primary``, arms ``constant`` and ``warmup``,
+  seeds 200-208.
 
 One process per core, each taking the next unclaimed run of the plan::
 
@@ -53,6 +56,11 @@ STUDIES: dict[str, dict[str, Any]] = {
     "primary": {"model": "cifar_resnet20", "arms": ("constant", "sd"), "seeds": range(100, 109)},
     "deep56": {"model": "cifar_resnet56", "arms": ("constant", "sd"), "seeds": range(100, 105)},
     "warmup": {"model": "cifar_resnet20", "arms": ("warmup",), "seeds": range(100, 109)},
+    "warmup_confirm": {
+        "model": "cifar_resnet20",
+        "arms": ("constant", "warmup"),
+        "seeds": range(200, 209),
+    },
 }
 TRAIN_SIZE = 1024
 EPOCHS = 320
@@ -162,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     results_dir = pathlib.Path(args.results_dir)
     if planned != fixed and results_dir.resolve() == RESULTS:
         parser.error(
-            f"--train_size/--epochs/--eval_every_epochs={planned} differ from PLAN.md's {fixed}; "
+            f"--train_size/--epochs/--eval_every_epochs={planned} differ from the plan's {fixed}; "
             "such runs (smoke tests) need another --results_dir"
         )
     if not args.aggregate_only:
