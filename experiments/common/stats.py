@@ -1,8 +1,8 @@
 """The intervals every study uses: t interval of a mean (paired differences included), Welch.
 
-* `mean_ci`: mean and the t interval of the mean (n - 1 df; `ci_bounds` gives its ends); applied to per-seed differences it
-  is the paired t interval (`paired_differences` pairs runs by seed; `paired_diff_interval`
-  gives it in the shape of `welch_diff_interval`'s result).
+* `mean_ci`: mean and the t interval of the mean (n - 1 df; `ci_bounds` gives its ends);
+  applied to per-seed differences it is the paired t interval (`paired_differences` pairs runs
+  by seed; `paired_diff_interval` gives it in the shape of `welch_diff_interval`'s result).
 * `welch_diff_interval`: difference of two independent means, Welch-Satterthwaite df.
 * `difference_of_differences`: the difference of two independent Welch estimates (each with its
   se and df), Satterthwaite df.

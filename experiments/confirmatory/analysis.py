@@ -84,7 +84,7 @@ def analyse(study: str, records: dict[str, list[dict[str, Any]]], planned_runs: 
             # (the secondary studies are reported without a decision).
             primary = key == "test_error_at_best_val"
             if study in DECIDED and primary and own == planned_runs:
-                entry["decision"] = decide(entry["low"], entry["high"], DECIDED[study])
+                entry["decision"] = decide(low, high, DECIDED[study])
         result["endpoints"][key] = entry
     # Epoch times pair only runs that trained side by side, i.e. within one study; an arm paired
     # with another study's constant runs (warm-up) met other hosts and other loads.

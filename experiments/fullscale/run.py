@@ -117,6 +117,8 @@ def _pct(value: float | None) -> str:
 
 def results_markdown(summary: dict[str, Any]) -> str:
     """The study's results table (generated; never edit it by hand)."""
+    from experiments.common import stats  # noqa: PLC0415 (as in paired_summary)
+
     rows = [
         [
             p["seed"],
@@ -153,7 +155,7 @@ def results_markdown(summary: dict[str, Any]) -> str:
         if ci["n"] < 2:
             text.append(f"- {name}: SD - constant {_pct(ci['mean'])} (one pair, no interval)\n")
         else:
-            low, high = ci["mean"] - ci["half_width"], ci["mean"] + ci["half_width"]
+            low, high = stats.ci_bounds(ci)
             text.append(
                 f"- {name}: SD - constant {_pct(ci['mean'])} [{_pct(low)}, {_pct(high)}] "
                 f"(n = {ci['n']} pairs)\n"
