@@ -128,6 +128,32 @@ def test_the_warmup_replication_has_its_own_decision_rule_and_plan():
     assert (run.HERE / "PLAN_warmup_confirm.md").is_file()
 
 
+def test_the_table_names_each_pairs_host_and_flags_a_pair_split_across_hosts():
+    avx2 = {"cpu": "AMD EPYC", "cpu_isa": ["AVX2"]}
+    avx512 = {"cpu": "AMD EPYC", "cpu_isa": ["AVX2", "AVX-512"]}
+    gpu = {"platform": "gpu", "device_kind": "NVIDIA H100"}
+    runs = [
+        {**_record("constant", 100, 40.0), "machine": avx2},
+        {**_record("sd", 100, 39.0), "machine": avx2},
+        {**_record("constant", 101, 41.0), "machine": avx512},
+        {**_record("sd", 101, 40.0), "machine": avx2},
+        {**_record("constant", 102, 41.0), "machine": avx2, "devices": gpu},
+        {**_record("sd", 102, 40.0), "machine": avx2, "devices": gpu},
+    ]
+    result = analysis.analyse("deep56", {"deep56": runs}, 6)
+    assert result["hosts"] == {
+        "runs_per_host": {
+            "AMD EPYC (AVX2)": 3,
+            "AMD EPYC (AVX2, AVX-512)": 1,
+            "NVIDIA H100 (gpu)": 2,
+        },
+        "mixed_seeds": [101],
+    }
+    assert "the two runs of seed(s) 101 name different hosts" in analysis.to_markdown(result)
+    same = analysis.analyse("deep56", {"deep56": runs[:2] + runs[4:]}, 4)
+    assert "the two runs of every pair name one host" in analysis.to_markdown(same)
+
+
 @pytest.mark.parametrize(
     "low, high, verdict, paper",
     [

@@ -59,6 +59,29 @@ def _pairs(arm_runs, constant_runs, key):
     ]
 
 
+def host(record: dict[str, Any]) -> str:
+    """The machine a run's record names (at the run's end; a resumed run names only the last):
+    the accelerator kind off CPU, else the CPU model and the ISA that picks its kernels."""
+    devices = record.get("devices") or {}
+    if devices.get("platform", "cpu") != "cpu":
+        return f"{devices.get('device_kind', 'unknown')} ({devices['platform']})"
+    mach = record.get("machine")
+    if not mach:
+        return "unknown"
+    return f"{mach.get('cpu', 'unknown')} ({', '.join(mach.get('cpu_isa') or []) or 'no AVX2'})"
+
+
+def _hosts(arm_runs, constant_runs) -> dict[str, Any]:
+    """How many paired runs each host ran, and the seeds whose two runs name different hosts."""
+    by_seed = {r["seed"]: r for r in constant_runs}
+    paired = [(r, by_seed[r["seed"]]) for r in arm_runs if r["seed"] in by_seed]
+    counts: dict[str, int] = {}
+    for rec in (r for pair in paired for r in pair):
+        counts[host(rec)] = counts.get(host(rec), 0) + 1
+    mixed = sorted(a["seed"] for a, c in paired if host(a) != host(c))
+    return {"runs_per_host": dict(sorted(counts.items())), "mixed_seeds": mixed}
+
+
 def analyse(study: str, records: dict[str, list[dict[str, Any]]], planned_runs: int) -> dict:
     """The study's result from the records of every study (``{study: [record, ...]}``)."""
     arm, base = COMPARED[study]
@@ -102,6 +125,7 @@ def analyse(study: str, records: dict[str, list[dict[str, Any]]], planned_runs: 
             "low": low,
             "high": high,
         }
+    result["hosts"] = _hosts(arm_runs, constant_runs)
     result["complete"] = own == planned_runs
     return result
 
@@ -139,4 +163,16 @@ def to_markdown(result: dict[str, Any]) -> str:
         ]
     if "time_note" in result:
         lines += ["", result["time_note"]]
+    hosts = result["hosts"]
+    if hosts["runs_per_host"]:
+        counts = "; ".join(
+            f"{name}: {n} run{'s' * (n != 1)}" for name, n in hosts["runs_per_host"].items()
+        )
+        mixed = hosts["mixed_seeds"]
+        pairs = (
+            "the two runs of every pair name one host"
+            if not mixed
+            else "the two runs of seed(s) " + ", ".join(map(str, mixed)) + " name different hosts"
+        )
+        lines += ["", f"Hosts of the paired runs, as their records name them: {counts}; {pairs}."]
     return "\n".join(lines)
