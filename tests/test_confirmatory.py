@@ -2,6 +2,7 @@
 
 import argparse
 import math
+import shutil
 
 import pytest
 from scipy import stats as scipy_stats
@@ -172,3 +173,13 @@ def test_a_budget_other_than_the_plans_is_refused_for_the_committed_results(caps
     with pytest.raises(SystemExit):
         run.main(["--study", "primary", "--epochs", "2"])
     assert "differ from the plan's (1024, 320, 10)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("study", ["primary", "warmup", "deep56"])
+def test_the_committed_tables_regenerate_from_the_committed_records(tmp_path, study):
+    """Tables are generated: `--aggregate_only` on a copy of the records writes the committed
+    table byte for byte."""
+    shutil.copytree(run.RESULTS / "runs", tmp_path / "runs")
+    run.main(["--study", study, "--aggregate_only", "--results_dir", str(tmp_path)])
+    committed = (run.RESULTS / study / "results.md").read_text()
+    assert (tmp_path / study / "results.md").read_text() == committed
