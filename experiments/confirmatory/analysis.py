@@ -10,6 +10,7 @@ of ``PLAN_warmup_confirm.md``), once every planned run is recorded; secondary st
 
 from __future__ import annotations
 
+import collections
 from typing import Any
 
 from experiments import common
@@ -48,14 +49,21 @@ def decide(low: float, high: float, method: str = "stochastic depth") -> str:
     return verdict + f"; excludes the paper's {PAPER_GAIN_POINTS:+.2f}"
 
 
-def _pairs(arm_runs, constant_runs, key):
+def _paired_records(arm_runs, constant_runs):
+    """``(arm record, constant record)`` for each seed that has both, in seed order."""
     by_seed = {r["seed"]: r for r in constant_runs}
     return [
-        (r["seed"], 100 * by_seed[r["seed"]][key], 100 * r[key])
+        (r, by_seed[r["seed"]])
         for r in sorted(arm_runs, key=lambda r: r["seed"])
         if r["seed"] in by_seed
-        and r.get(key) is not None
-        and by_seed[r["seed"]].get(key) is not None
+    ]
+
+
+def _pairs(arm_runs, constant_runs, key):
+    return [
+        (a["seed"], 100 * c[key], 100 * a[key])
+        for a, c in _paired_records(arm_runs, constant_runs)
+        if a.get(key) is not None and c.get(key) is not None
     ]
 
 
@@ -68,17 +76,14 @@ def host(record: dict[str, Any]) -> str:
     mach = record.get("machine")
     if not mach:
         return "unknown"
-    return f"{mach.get('cpu', 'unknown')} ({', '.join(mach.get('cpu_isa') or []) or 'no AVX2'})"
+    return f"{mach.get('cpu', 'unknown')} ({common.isa_text(mach.get('cpu_isa'))})"
 
 
 def _hosts(arm_runs, constant_runs) -> dict[str, Any]:
     """How many paired runs each host ran, and the seeds whose two runs name different hosts."""
-    by_seed = {r["seed"]: r for r in constant_runs}
-    paired = [(r, by_seed[r["seed"]]) for r in arm_runs if r["seed"] in by_seed]
-    counts: dict[str, int] = {}
-    for rec in (r for pair in paired for r in pair):
-        counts[host(rec)] = counts.get(host(rec), 0) + 1
-    mixed = sorted(a["seed"] for a, c in paired if host(a) != host(c))
+    paired = _paired_records(arm_runs, constant_runs)
+    counts = collections.Counter(host(r) for pair in paired for r in pair)
+    mixed = [a["seed"] for a, c in paired if host(a) != host(c)]
     return {"runs_per_host": dict(sorted(counts.items())), "mixed_seeds": mixed}
 
 
