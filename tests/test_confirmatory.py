@@ -175,7 +175,7 @@ def test_a_budget_other_than_the_plans_is_refused_for_the_committed_results(caps
     assert "differ from the plan's (1024, 320, 10)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("study", ["primary", "warmup", "deep56", "warmup_confirm"])
+@pytest.mark.parametrize("study", sorted(run.STUDIES))
 def test_the_committed_tables_regenerate_from_the_committed_records(tmp_path, study):
     """Tables are generated: `--aggregate_only` on a copy of the records writes the committed
     table byte for byte."""
